@@ -1,0 +1,81 @@
+"""Tokenizer files that travel with a model directory, read through the `tokenizers` library.
+
+A model directory (or an HF export) carries `tokenizer.json` plus, when the tokenizer was saved for
+transformers, `tokenizer_config.json` and `special_tokens_map.json`. Special token ids are looked up
+from those files, or from the conventional names when they are absent.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from tlm.errors import CheckpointError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Names tried, in order, when tokenizer_config.json does not say which token plays a role.
+CONVENTIONAL = {
+    "eos": ("<|endoftext|>", "</s>", "<eos>", "<|im_end|>"),
+    "bos": ("<|im_start|>", "<s>", "<bos>"),
+    "pad": ("<|padding|>", "<pad>", "<|endoftext|>"),
+}
+
+
+def has_tokenizer(path: str | Path) -> bool:
+    return (Path(path) / "tokenizer.json").is_file()
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer files found in `src` into `dst`; refuse a folder without tokenizer.json."""
+    if not has_tokenizer(src):
+        raise CheckpointError(f"tokenizer folder '{src}' has no tokenizer.json")
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The fast tokenizer stored in `path`/tokenizer.json."""
+    file = Path(path) / "tokenizer.json"
+    if not file.is_file():
+        raise CheckpointError(f"'{path}' has no tokenizer.json")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+        raise CheckpointError(f"{file}: cannot load tokenizer ({e})") from None
+
+
+def _token_text(value: object) -> str | None:
+    # tokenizer_config.json stores a special token as a string or as {"content": ...}.
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def special_token_ids(path: str | Path, tokenizer: Tokenizer | None = None) -> dict[str, int | None]:
+    """{"bos_token_id", "eos_token_id", "pad_token_id"} for the tokenizer in `path` (None when absent)."""
+    tokenizer = tokenizer or load_tokenizer(path)
+    declared: dict[str, object] = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        file = Path(path) / name
+        if file.is_file():
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+            for role in ("bos", "eos", "pad"):
+                declared.setdefault(role, data.get(f"{role}_token"))
+    ids: dict[str, int | None] = {}
+    for role in ("bos", "eos", "pad"):
+        candidates = [_token_text(declared.get(role))] + list(CONVENTIONAL[role])
+        ids[f"{role}_token_id"] = next(
+            (tokenizer.token_to_id(t) for t in candidates if t and tokenizer.token_to_id(t) is not None), None
+        )
+    return ids
