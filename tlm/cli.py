@@ -1,0 +1,252 @@
+"""The `tlm` command line, built with fire.
+
+Every command that produces figures prints them as one JSON object on the last line of stdout, so that
+scripts can read them; logs and progress go to stderr. Errors in the user's input print one line
+(`tlm: error: ...`) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import fire
+import torch
+
+from tlm.errors import CheckpointError, ConfigError, TLMError
+
+log = logging.getLogger("tlm")
+
+
+def emit(result: dict[str, Any]) -> None:
+    """Print the command's figures as the last line of stdout."""
+    print(json.dumps(result), flush=True)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r} is not a device (use auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but no CUDA device is available")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in choices:
+        raise ConfigError(f"--dtype must be auto or one of {', '.join(choices)}, got {dtype!r}")
+    return choices[dtype]
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+class CLI:
+    """tlm: pretrain and ablate small Llama-style language models.
+
+    Model directories (written by `tlm init`, later by `tlm train`) are what the other commands read.
+    Run `tlm COMMAND --help` for a command's flags.
+    """
+
+    def presets(self) -> None:
+        """List the model presets with their parameter counts (JSON on the last line)."""
+        from tlm.config import PRESETS, get_preset
+        from tlm.model import TransformerLM
+
+        table = {}
+        for name in PRESETS:
+            config = get_preset(name)
+            with torch.device("meta"):
+                table[name] = {"num_parameters": TransformerLM(config).num_parameters(), **config.to_dict()}
+            print(f"{name:10s} {table[name]['num_parameters']:>12,d} parameters", file=sys.stderr)
+        emit(table)
+
+    def init(
+        self,
+        out: str,
+        preset: str = "tlm-26m",
+        tokenizer: str | None = None,
+        seed: int = 0,
+        overwrite: bool = False,
+        **overrides: Any,
+    ) -> None:
+        """Write a freshly initialised model directory and print its parameter count.
+
+        Args:
+            out: the model directory to create.
+            preset: a named preset (`tlm presets` lists them): tlm-26m (the 26M baseline) or debug.
+            tokenizer: a folder holding tokenizer.json; its files are copied in and its special token
+                ids (bos/eos/pad) fill the config unless given.
+            seed: seed of the weight initialisation.
+            overwrite: replace an existing model directory at OUT.
+            overrides: any model config field, e.g. --num_key_value_heads=1 --norm=layernorm
+                --norm_position=post --position_embedding=nope --mlp=silu
+                --rope_scaling='{"factor": 4, "original_max_position_embeddings": 512}'.
+        """
+        from tlm.checkpoint import CONFIG_NAME, save_model_dir
+        from tlm.config import get_preset, parse_rope_scaling
+        from tlm.model import TransformerLM
+        from tlm.tokenizer import load_tokenizer, special_token_ids
+
+        overrides = {k.replace("-", "_"): v for k, v in overrides.items()}
+        if "rope_scaling" in overrides:
+            overrides["rope_scaling"] = parse_rope_scaling(overrides["rope_scaling"])
+        if tokenizer is not None:
+            tok = load_tokenizer(tokenizer)
+            for key, value in special_token_ids(tokenizer, tok).items():
+                overrides.setdefault(key, value)
+        config = get_preset(preset, **overrides)
+        if tokenizer is not None and tok.get_vocab_size() > config.vocab_size:
+            raise ConfigError(
+                f"tokenizer '{tokenizer}' has {tok.get_vocab_size()} tokens but vocab_size is {config.vocab_size}"
+            )
+        out_path = Path(out)
+        if (out_path / CONFIG_NAME).exists() and not overwrite:
+            raise CheckpointError(f"'{out}' already holds a model; pass --overwrite to replace it")
+        torch.manual_seed(seed)
+        model = TransformerLM(config)
+        save_model_dir(model, out_path, tokenizer_dir=tokenizer, extra={"init": {"preset": preset, "seed": seed}})
+        log.info("wrote %s: preset %s, %s parameters", out, preset, f"{model.num_parameters():,}")
+        emit({"out": str(out_path), "preset": preset, "num_parameters": model.num_parameters(), "config": config.to_dict()})
+
+    def generate(
+        self,
+        checkpoint: str,
+        prompt: Any = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        rope_scaling: Any = None,
+        tokenizer: str | None = None,
+        prompt_ids: Any = None,
+        device: str = "auto",
+        dtype: str = "auto",
+    ) -> None:
+        """Continue one or more prompts with a KV-cached decoder.
+
+        Args:
+            checkpoint: a tlm model directory.
+            prompt: the text to continue, or a list of texts for a batch: --prompt='["a", "b"]'.
+            max_new_tokens: most tokens generated per prompt (fewer when EOS comes first).
+            temperature: 0 = greedy; otherwise the softmax temperature of sampling.
+            top_k: sample among the k most likely tokens only (0 = all).
+            top_p: sample from the smallest set of tokens whose probability reaches p (1.0 = all).
+            seed: seed of the sampler.
+            rope_scaling: switch YaRN on at inference, e.g. yarn:4:512 (factor 4 over a model trained
+                at 512 tokens) or a JSON dict; `none` turns a stored YaRN off.
+            tokenizer: a tokenizer folder, when the checkpoint holds none.
+            prompt_ids: token ids instead of text (a list, or a list of lists for a batch).
+            device: auto (CUDA when available), cpu, cuda, cuda:N.
+            dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.
+        """
+        from tlm.checkpoint import load_config, load_model_dir
+        from tlm.config import parse_rope_scaling
+        from tlm.generate import generate
+        from tlm.tokenizer import has_tokenizer, load_tokenizer
+
+        dev = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, dev)
+        config = load_config(checkpoint)
+        changes = {}
+        if rope_scaling is not None:
+            changes["rope_scaling"] = parse_rope_scaling(rope_scaling)
+        tokenizer_dir = tokenizer or (checkpoint if has_tokenizer(checkpoint) else None)
+        tok = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+
+        if prompt_ids is not None:
+            ids = _as_list(prompt_ids)
+            batch = [list(map(int, p)) for p in ids] if ids and isinstance(ids[0], (list, tuple)) else [list(map(int, ids))]
+        elif prompt is not None:
+            if tok is None:
+                raise CheckpointError(
+                    f"checkpoint '{checkpoint}' has no tokenizer: pass --tokenizer DIR, or token ids with --prompt_ids"
+                )
+            texts = [str(p) for p in _as_list(prompt)]
+            batch = [enc.ids for enc in tok.encode_batch(texts)]
+        else:
+            raise ConfigError("give --prompt TEXT (or --prompt_ids IDS)")
+        for i, ids in enumerate(batch):
+            if not ids:
+                raise ConfigError(f"prompt {i} encodes to no tokens")
+            bad = [t for t in ids if not 0 <= t < config.vocab_size]
+            if bad:
+                raise ConfigError(f"prompt {i} holds token id {bad[0]} outside the vocabulary (0..{config.vocab_size - 1})")
+
+        model = load_model_dir(checkpoint, device=dev, dtype=torch_dtype, **changes)
+        generator = torch.Generator(device=dev).manual_seed(seed)
+        start = time.perf_counter()
+        new_tokens = generate(
+            model,
+            batch,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=config.eos_token_id,
+            pad_token_id=config.pad_token_id,
+            generator=generator,
+        )
+        seconds = time.perf_counter() - start
+        count = sum(len(t) for t in new_tokens)
+        completions = [tok.decode(t) for t in new_tokens] if tok is not None else None
+        if completions is not None:
+            for text, completion in zip([tok.decode(p) for p in batch], completions):
+                print(text + completion)
+        log.info("generated %d tokens in %.2f s (%.1f tokens/s)", count, seconds, count / max(seconds, 1e-9))
+        emit(
+            {
+                "completions": completions,
+                "new_token_ids": new_tokens,
+                "new_tokens": count,
+                "seconds": round(seconds, 4),
+                "tokens_per_s": round(count / max(seconds, 1e-9), 2),
+                "rope_scaling": model.config.rope_scaling,
+            }
+        )
+
+    def export(self, checkpoint: str, out: str, dtype: str = "float32") -> None:
+        """Write a Hugging Face LlamaForCausalLM folder (config.json, safetensors, tokenizer files).
+
+        Args:
+            checkpoint: a tlm model directory.
+            out: the folder to write; `AutoModelForCausalLM.from_pretrained(OUT)` loads it.
+            dtype: weight dtype in the export: float32, bfloat16 or float16.
+        """
+        from tlm.export import export_hf
+
+        path = export_hf(checkpoint, out, dtype=dtype)
+        files = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+        log.info("exported %s -> %s (%s)", checkpoint, out, ", ".join(files))
+        emit({"out": str(path), "files": files, "architecture": "LlamaForCausalLM"})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point of `tlm`."""
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+    args = list(sys.argv[1:] if argv is None else argv)
+    # fire reads `--help` after a command that takes **overrides as one more override; its own
+    # spelling is `COMMAND -- --help`. Accept the usual one.
+    if ("--help" in args or "-h" in args) and "--" not in args:
+        args = [a for a in args if a not in ("--help", "-h")] + ["--", "--help"]
+    try:
+        fire.Fire(CLI(), command=args, name="tlm")
+    except TLMError as e:
+        print(f"tlm: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
