@@ -44,7 +44,7 @@ def main(
     batch_sizes: tuple[int, ...] = (1, 8),
     prompt_len: int = 32,
     new_tokens: int = 128,
-    repeats: int = 3,
+    repeats: int = 5,
     threads: int = 0,
     device: str = "cpu",
 ) -> dict:

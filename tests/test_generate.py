@@ -144,3 +144,20 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="temperature"):
         sample_next_token(torch.randn(1, 5), temperature=-1.0)
     assert generate(model, [[1]], max_new_tokens=0) == [[]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_cached_decoding_and_padded_generation(dtype: torch.dtype) -> None:
+    model = TransformerLM(get_preset("tlm-26m")).eval().to("cuda", dtype)
+    ids = torch.randint(0, 6400, (2, 64), device="cuda")
+    with torch.no_grad():
+        full = model(ids).float()
+        cache = KVCache(model.config, 2, 64, device="cuda", dtype=dtype)
+        steps = [model(ids[:, :40], kv_cache=cache)] + [model(ids[:, t : t + 1], kv_cache=cache) for t in range(40, 64)]
+    incremental = torch.cat(steps, dim=1).float()
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    assert (incremental - full).norm() / full.norm() < tolerance
+    out = generate(model, [[1, 2, 3, 4, 5], [6, 7]], max_new_tokens=8)
+    assert [len(o) for o in out] == [8, 8]
