@@ -71,10 +71,13 @@ def special_token_ids(path: str | Path, tokenizer: Tokenizer | None = None) -> d
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise CheckpointError(f"{file}: not valid JSON ({e})") from None
             for role in ("bos", "eos", "pad"):
-                declared.setdefault(role, data.get(f"{role}_token"))
+                if f"{role}_token" in data:
+                    declared.setdefault(role, data[f"{role}_token"])
     ids: dict[str, int | None] = {}
     for role in ("bos", "eos", "pad"):
-        candidates = [_token_text(declared.get(role))] + list(CONVENTIONAL[role])
+        # A role the config states (even as null) is taken as stated; conventional names are only
+        # tried for roles it does not mention.
+        candidates = [_token_text(declared[role])] if role in declared else list(CONVENTIONAL[role])
         ids[f"{role}_token_id"] = next(
             (tokenizer.token_to_id(t) for t in candidates if t and tokenizer.token_to_id(t) is not None), None
         )
