@@ -53,3 +53,34 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text() -> str:
+    import lzma
+
+    from data_pipeline import TINYSHAKESPEARE
+
+    return lzma.open(TINYSHAKESPEARE, "rt", encoding="utf-8").read()
+
+
+@pytest.fixture(scope="session")
+def data_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tlm's own tokenizer trainer on the bundled Shakespeare (1000 tokens, to stay quick)."""
+    from data_pipeline import TINYSHAKESPEARE
+    from data_pipeline.sources import DocumentReader, resolve_sources
+    from data_pipeline.tokenizer import save_tokenizer, train_tokenizer
+
+    tok = train_tokenizer(DocumentReader(resolve_sources(str(TINYSHAKESPEARE))), vocab_size=1000, show_progress=False)
+    return save_tokenizer(tok, tmp_path_factory.mktemp("data_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def shakespeare_jsonl(tmp_path_factory: pytest.TempPathFactory, shakespeare_text: str) -> Path:
+    """The Shakespeare text as a JSONL corpus: one document per speech (blank-line separated)."""
+    speeches = [p for p in shakespeare_text.split("\n\n") if p.strip()]
+    path = tmp_path_factory.mktemp("jsonl") / "speeches.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for i, text in enumerate(speeches):
+            f.write(json.dumps({"id": i, "text": text}) + "\n")
+    return path

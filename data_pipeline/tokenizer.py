@@ -1,0 +1,105 @@
+"""Train the byte-level BPE tokenizer with `tokenizers`, from a streamed source.
+
+Special tokens (ids 0, 1, 2, fixed so that every tokenizer tlm trains agrees on them):
+- `<|endoftext|>` (0): the document separator of packed pretraining rows, the EOS that stops generation,
+  and the padding of no-pack rows (padding is masked out of the loss, so sharing the id costs nothing).
+- `<|im_start|>` (1) and `<|im_end|>` (2): ChatML turn markers, as the original project's tokenizer has,
+  so that a later chat / SFT corpus is tokenized without growing the vocabulary or the embeddings.
+
+Byte-level pre-tokenization with the full 256-byte initial alphabet and no normaliser makes
+decode(encode(x)) == x for every UTF-8 string. Training streams documents through
+`train_from_iterator`, so memory grows with the number of distinct pre-tokens, not the corpus size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from data_pipeline.sources import DocumentReader
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+EOT = SPECIAL_TOKENS[0]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def new_tokenizer() -> Tokenizer:
+    """An untrained byte-level BPE: GPT-2 pre-tokenization, no prefix space, byte-level decoder."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def train_tokenizer(
+    reader: DocumentReader,
+    vocab_size: int = 6400,
+    min_frequency: int = 2,
+    max_chars: int | None = None,
+    show_progress: bool = True,
+) -> Tokenizer:
+    """Train on the documents of `reader` (at most `max_chars` characters when given)."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must hold the 256 bytes and {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
+    tokenizer = new_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+
+    def texts() -> Iterator[str]:
+        seen = 0
+        for doc in reader.documents():
+            yield doc.text
+            seen += len(doc.text)
+            if max_chars is not None and seen >= max_chars:
+                return
+
+    tokenizer.train_from_iterator(texts(), trainer=trainer)
+    for i, token in enumerate(SPECIAL_TOKENS):
+        assert tokenizer.token_to_id(token) == i, f"special token {token} must have id {i}"
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, model_max_length: int = 32768) -> Path:
+    """Write tokenizer.json plus the files `transformers.AutoTokenizer.from_pretrained` reads."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out / "tokenizer.json"))
+    added = {
+        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+        for i, t in enumerate(SPECIAL_TOKENS)
+    }
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "added_tokens_decoder": added,
+        "additional_special_tokens": list(SPECIAL_TOKENS[1:]),
+        "bos_token": None,
+        "eos_token": EOT,
+        "pad_token": EOT,
+        "unk_token": None,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    special = {"eos_token": EOT, "pad_token": EOT, "additional_special_tokens": list(SPECIAL_TOKENS[1:])}
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    return out
+
+
+def tokenizer_sha256(tokenizer_dir: str | Path) -> str:
+    """The identity of a tokenizer: sha256 of its tokenizer.json."""
+    return hashlib.sha256((Path(tokenizer_dir) / "tokenizer.json").read_bytes()).hexdigest()

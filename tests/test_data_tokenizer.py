@@ -1,0 +1,89 @@
+"""The BPE tokenizer trainer: special tokens, exact round trip, transformers compatibility."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.sources import DocumentReader, resolve_sources, split_text
+from data_pipeline.tokenizer import SPECIAL_TOKENS
+from tlm.tokenizer import load_tokenizer, special_token_ids
+
+
+def random_text(rng: random.Random, length: int) -> str:
+    """Random UTF-8: ASCII, Latin, CJK, emoji, combining marks, controls, whitespace runs, special tokens."""
+    pools = [
+        (0x20, 0x7E), (0x00, 0x1F), (0xA0, 0x24F), (0x370, 0x3FF), (0x4E00, 0x4FFF), (0x1F300, 0x1F64F),
+        (0x300, 0x36F), (0x10000, 0x1000F), (0xE000, 0xE00F),
+    ]
+    parts = []
+    while sum(map(len, parts)) < length:
+        choice = rng.random()
+        if choice < 0.05:
+            parts.append(rng.choice(SPECIAL_TOKENS))
+        elif choice < 0.15:
+            parts.append(rng.choice([" ", "  ", "\n", "\n\n", "\t", "\r\n", " \n "]))
+        else:
+            lo, hi = rng.choice(pools)
+            parts.append("".join(chr(rng.randint(lo, hi)) for _ in range(rng.randint(1, 8))))
+    return "".join(parts)
+
+
+def test_special_tokens_have_fixed_ids(data_tokenizer: Path) -> None:
+    tok = load_tokenizer(data_tokenizer)
+    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2]
+    assert tok.get_vocab_size() == 1000
+    assert special_token_ids(data_tokenizer) == {"bos_token_id": None, "eos_token_id": 0, "pad_token_id": 0}
+
+
+def test_decode_encode_round_trip_on_any_utf8(data_tokenizer: Path) -> None:
+    tok = load_tokenizer(data_tokenizer)
+    rng = random.Random(0)
+    for _ in range(300):
+        text = random_text(rng, rng.randint(1, 400))
+        assert tok.decode(tok.encode(text).ids, skip_special_tokens=False) == text
+    tok.encode_special_tokens = True  # as prepare encodes: special tokens written in text are plain text
+    for _ in range(100):
+        text = random_text(rng, 200)
+        ids = tok.encode(text).ids
+        assert 0 not in ids and tok.decode(ids, skip_special_tokens=False) == text
+
+
+def test_transformers_autotokenizer_loads_it(data_tokenizer: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(data_tokenizer)
+    ours = load_tokenizer(data_tokenizer)
+    text = "ROMEO:\nBut soft, what light through yonder window breaks? \u00e9\U0001F600"
+    assert hf(text)["input_ids"] == ours.encode(text).ids
+    assert hf.decode(hf(text)["input_ids"]) == text
+    assert hf.eos_token == "<|endoftext|>" and hf.pad_token_id == 0
+    chat = hf.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_training_learns_the_corpus(data_tokenizer: Path, shakespeare_text: str) -> None:
+    tok = load_tokenizer(data_tokenizer)
+    ids = tok.encode(shakespeare_text[:20000]).ids
+    assert 20000 / len(ids) > 2.0  # 744 merges already compress prose to over 2 characters per token
+    assert tok.token_to_id("ROMEO") is not None or tok.token_to_id("ĠROMEO") is not None
+
+
+def test_cut_pieces_tokenize_like_the_whole(data_tokenizer: Path, shakespeare_text: str) -> None:
+    tok = load_tokenizer(data_tokenizer)
+    text = shakespeare_text[:200_000]
+    pieces = split_text(text, 5000)
+    assert len(pieces) > 20 and "".join(pieces) == text
+    assert [i for p in pieces for i in tok.encode(p).ids] == tok.encode(text).ids
+
+
+def test_training_reads_a_bounded_prefix(data_tokenizer: Path, shakespeare_jsonl: Path) -> None:
+    from data_pipeline.tokenizer import train_tokenizer
+
+    reader = DocumentReader(resolve_sources(str(shakespeare_jsonl)))
+    tok = train_tokenizer(reader, vocab_size=300, max_chars=10_000, show_progress=False)
+    assert tok.get_vocab_size() <= 300
+    assert sum(reader.documents_per_source) == 0  # stopped early: the source was never read to its end
+    with pytest.raises(ValueError, match="vocab_size must hold"):
+        train_tokenizer(reader, vocab_size=100)
