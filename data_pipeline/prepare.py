@@ -1,0 +1,432 @@
+"""`tlm prepare`: raw text -> tokenized, packed Arrow shards + manifest.json.
+
+Documents are read in order, tokenized in batches (encode_batch) and appended to their split's writer
+(train, or val when held out). In pack mode each document is followed by the end-of-text token and
+the token stream is cut into rows of seq_len + 1; in no-pack mode each document becomes one row,
+truncated and padded, with its real length stored for the loss mask.
+
+Crash safety: a shard is committed (fsync + rename) and then recorded in a journal together with the
+exact point of the input where the next shard starts (piece number and token offset). A rerun with the
+same settings skips everything before that point without tokenizing it and continues; the result is
+byte-identical to an uninterrupted run. manifest.json is written last, so it never names a shard that
+is not complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_pipeline.shards import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    BATCH_ROWS,
+    ShardFile,
+    atomic_write_json,
+    sha256_file,
+    shard_schema,
+    token_dtype,
+)
+from data_pipeline.sources import PIECE_CHARS, DataError, Document, DocumentReader, Source, resolve_sources
+from data_pipeline.tokenizer import EOT, tokenizer_sha256
+from data_pipeline.workers import assign_sources, worker_dir
+from tlm.tokenizer import load_tokenizer
+
+log = logging.getLogger("tlm.prepare")
+JOURNAL = ".prepare-journal.jsonl"
+SPLITS = ("train", "val")
+
+
+@dataclass
+class PrepareConfig:
+    """Everything that determines the output of `prepare` (its hash guards resuming)."""
+
+    data: list[str]
+    tokenizer: str
+    out: str
+    seq_len: int = 512
+    pack: bool = True
+    text_field: str = "text"
+    sample_by: str = "document"
+    on_error: str = "raise"
+    hf_split: str = "train"
+    val: float | int = 0.0
+    val_data: list[str] | None = None
+    seed: int = 0
+    shard_mb: float = 256.0
+    num_workers: int = 1
+    worker_index: int = 0
+    piece_chars: int = PIECE_CHARS
+    tokenize_batch_chars: int = 1 << 19
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 1:
+            raise DataError(f"--seq-len must be positive, got {self.seq_len}")
+        if isinstance(self.val, bool) or not isinstance(self.val, (int, float)) or self.val < 0:
+            raise DataError(f"--val must be a fraction in [0, 1) or a number of documents, got {self.val!r}")
+        if isinstance(self.val, float) and self.val >= 1:
+            raise DataError(f"--val {self.val}: a fraction must be below 1 (give an int for a number of documents)")
+        if self.val_data and self.val:
+            raise DataError("give either --val (held out from --data) or --val-data (a separate source), not both")
+        if not 0 <= self.worker_index < self.num_workers:
+            raise DataError(f"--worker-index must be in [0, {self.num_workers}), got {self.worker_index}")
+        if self.num_workers > 1 and isinstance(self.val, int) and self.val:
+            raise DataError("--val N (a count of documents) needs one worker; give a fraction or --val-data")
+
+
+@dataclass
+class SplitState:
+    """What is committed for a split: its shards, totals and where the input continues."""
+
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    rows: int = 0
+    tokens: int = 0
+    documents: int = 0
+    truncated_documents: int = 0
+    resume_piece: int = 0
+    resume_offset: int = 0
+    skip_rest_of_document: bool = False
+
+
+class SplitWriter:
+    """Turns the token stream of one split into rows and committed shards."""
+
+    def __init__(self, out: Path, split: str, config: PrepareConfig, eot: int, dtype: np.dtype,
+                 state: SplitState, on_commit) -> None:
+        self.out, self.split, self.pack = out, split, config.pack
+        self.row_length = config.seq_len + 1
+        self.eot = eot
+        self.dtype = dtype
+        self.schema = shard_schema(self.row_length, dtype, config.pack)
+        row_bytes = self.row_length * dtype.itemsize
+        self.shard_rows = max(BATCH_ROWS, int(config.shard_mb * 2**20 / row_bytes) // BATCH_ROWS * BATCH_ROWS)
+        self.state = state
+        self.on_commit = on_commit
+        self.next_piece = 0  # ordinal of the next piece of this split's stream
+        self.last_added = state.resume_piece - 1
+        self.buffer = np.empty(0, dtype=dtype)
+        self.pieces: deque[tuple[int, int, int]] = deque()  # (ordinal, start token, length) in the buffer
+        self.doc_tokens: list[np.ndarray] = []  # no-pack: the current document's first tokens
+        self.doc_done = state.skip_rest_of_document
+        self.shard: ShardFile | None = None
+        self.dropped_tokens = 0
+        self.truncated_in_shard = 0  # no-pack: documents cut to the row length in the open shard
+
+    def claim(self) -> tuple[int, bool]:
+        """Ordinal for the next piece, and whether it must be tokenized (False: before the resume point)."""
+        ordinal = self.next_piece
+        self.next_piece += 1
+        return ordinal, ordinal >= self.state.resume_piece
+
+    def add(self, ordinal: int, ids: np.ndarray, final: bool) -> None:
+        if self.pack:
+            self._add_packed(ordinal, ids, final)
+        else:
+            self._add_unpacked(ordinal, ids, final)
+
+    # --- pack mode ---------------------------------------------------------------------------------
+
+    def _add_packed(self, ordinal: int, ids: np.ndarray, final: bool) -> None:
+        tokens = np.append(ids, self.eot).astype(self.dtype) if final else ids
+        offset = self.state.resume_offset if ordinal == self.state.resume_piece else 0
+        # Stream position where the whole piece starts: tokens already in rows + tokens still buffered.
+        start = self.state.rows * self.row_length + len(self.buffer) - offset
+        self.pieces.append((ordinal, start, len(tokens)))
+        self.last_added = ordinal
+        self.buffer = np.concatenate([self.buffer, tokens[offset:]])
+        full = len(self.buffer) // self.row_length
+        if full:
+            rows = self.buffer[: full * self.row_length].reshape(full, self.row_length)
+            self.buffer = self.buffer[full * self.row_length :]
+            self._emit(rows)
+        self._locate(self.state.rows * self.row_length)  # forget pieces already wholly in rows
+
+    def _locate(self, position: int) -> tuple[int, int]:
+        """(piece ordinal, offset) of token `position` of the stream; drops pieces wholly before it."""
+        while self.pieces and self.pieces[0][1] + self.pieces[0][2] <= position:
+            self.pieces.popleft()
+        if not self.pieces:
+            return self.last_added + 1, 0
+        ordinal, start, _ = self.pieces[0]
+        return ordinal, position - start
+
+    # --- no-pack mode ------------------------------------------------------------------------------
+
+    def _add_unpacked(self, ordinal: int, ids: np.ndarray, final: bool) -> None:
+        if not self.doc_done:
+            self.doc_tokens.append(ids)
+            have = sum(len(t) for t in self.doc_tokens)
+            if have >= self.row_length or final:
+                tokens = np.concatenate(self.doc_tokens)
+                if final:
+                    tokens = np.append(tokens, self.eot)
+                if len(tokens) > self.row_length:
+                    self.truncated_in_shard += 1
+                tokens = tokens[: self.row_length].astype(self.dtype)
+                row = np.full((1, self.row_length), self.eot, dtype=self.dtype)
+                row[0, : len(tokens)] = tokens
+                self.doc_tokens, self.doc_done = [], not final
+                self._last_piece = (ordinal, final)
+                self._emit(row, np.array([len(tokens)], dtype=np.int32))
+        if final:
+            self.doc_done = False
+
+    # --- shards ------------------------------------------------------------------------------------
+
+    def _emit(self, rows: np.ndarray, lengths: np.ndarray | None = None) -> None:
+        while len(rows):
+            if self.shard is None:
+                name = f"{self.split}-{len(self.state.shards):05d}.arrow"
+                self.shard = ShardFile(self.out / name, self.schema, self.row_length, self.pack, self.eot)
+            room = self.shard_rows - self.shard.rows
+            self.shard.add(rows[:room], None if lengths is None else lengths[:room])
+            self.state.rows += min(room, len(rows))
+            rows = rows[room:]
+            lengths = None if lengths is None else lengths[room:]
+            if self.shard.rows == self.shard_rows:
+                self._commit()
+
+    def _commit(self) -> None:
+        entry = self.shard.close()
+        self.shard = None
+        self.state.shards.append(entry)
+        self.state.tokens += entry["tokens"]
+        self.state.documents += entry["documents"]
+        self.state.truncated_documents += self.truncated_in_shard
+        self.truncated_in_shard = 0
+        if self.pack:
+            self.state.resume_piece, self.state.resume_offset = self._locate(self.state.rows * self.row_length)
+        else:
+            ordinal, final = self._last_piece
+            self.state.resume_piece, self.state.resume_offset = ordinal + 1, 0
+            self.state.skip_rest_of_document = not final
+        self.on_commit(self.split, self.state)
+
+    def finish(self) -> None:
+        """Commit the last, partial shard; in pack mode the tail shorter than a row is dropped."""
+        if self.pack:
+            self.dropped_tokens = len(self.buffer)
+        if self.shard is not None and self.shard.rows:
+            self._commit()
+        elif self.shard is not None:
+            self.shard.abort()
+
+    def abort(self) -> None:
+        if self.shard is not None:
+            self.shard.abort()
+
+
+def _fingerprint(config: PrepareConfig, sources: list[Source], tok_sha: str) -> str:
+    described = {
+        **{k: v for k, v in asdict(config).items() if k not in ("out", "tokenizer")},
+        "tokenizer_sha256": tok_sha,
+        "sources": [(s.kind, s.path, s.size) for s in sources],
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+def _val_selector(config: PrepareConfig):
+    """A function (source index, record, document number) -> True when the document is held out."""
+    if isinstance(config.val, int) and config.val:
+        return lambda source, record, number: number < config.val
+    if config.val:
+        threshold = int(config.val * 2**64)
+
+        def by_hash(source: int, record: int, number: int) -> bool:
+            digest = hashlib.blake2b(f"{config.seed}:{source}:{record}".encode(), digest_size=8).digest()
+            return int.from_bytes(digest, "little") < threshold
+
+        return by_hash
+    return lambda source, record, number: False
+
+
+def _read_journal(out: Path, fingerprint: str) -> dict[str, SplitState] | None:
+    """The committed state of an interrupted run with the same settings, or None to start afresh."""
+    path = out / JOURNAL
+    if not path.exists():
+        return None
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+    if not lines or lines[0].get("fingerprint") != fingerprint:
+        log.warning("%s: an interrupted run with other settings is there; starting afresh", out)
+        return None
+    states = {split: SplitState() for split in SPLITS}
+    for entry in lines[1:]:
+        states[entry["split"]] = SplitState(**entry["state"])
+    for split, state in states.items():
+        for shard in state.shards:
+            file = out / shard["file"]
+            if not file.exists() or file.stat().st_size != shard["bytes"] or sha256_file(file) != shard["sha256"]:
+                log.warning("%s: committed shard %s is missing or damaged; starting afresh", out, shard["file"])
+                return None
+    return states
+
+
+def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the preparation; return the manifest."""
+    root = Path(config.out)
+    out = worker_dir(root, config.worker_index, config.num_workers) if config.num_workers > 1 else root
+    tok_dir = Path(config.tokenizer)
+    tokenizer = load_tokenizer(tok_dir)
+    tokenizer.encode_special_tokens = True  # '<|endoftext|>' written in a document is text, not a separator
+    eot = tokenizer.token_to_id(EOT)
+    if eot is None:
+        raise DataError(f"tokenizer '{tok_dir}' has no {EOT} token (train one with `tlm tokenizer`)")
+    vocab_size = tokenizer.get_vocab_size()
+    dtype = token_dtype(vocab_size)
+    tok_sha = tokenizer_sha256(tok_dir)
+
+    train_sources = resolve_sources(config.data)
+    val_sources = resolve_sources(config.val_data) if config.val_data else []
+    sources = train_sources + val_sources
+    fingerprint = _fingerprint(config, sources, tok_sha)
+
+    manifest_path = out / MANIFEST
+    if manifest_path.exists() and not overwrite:
+        existing = json.loads(manifest_path.read_text())
+        if existing.get("fingerprint") == fingerprint:
+            log.info("%s is already prepared with these settings", out)
+            return {**existing, "reused": True}
+        raise DataError(f"'{out}' already holds a prepared dataset made with other settings; pass --overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):
+        stale.unlink()
+    states = None if overwrite else _read_journal(out, fingerprint)
+    if states is None:
+        for old in list(out.glob("train-*.arrow")) + list(out.glob("val-*.arrow")) + [out / JOURNAL, manifest_path]:
+            old.unlink(missing_ok=True)
+        states = {split: SplitState() for split in SPLITS}
+        _append_journal(out, {"fingerprint": fingerprint})
+    else:
+        log.info("resuming: %s", ", ".join(f"{s} {len(st.shards)} shards" for s, st in states.items()))
+
+    def on_commit(split: str, state: SplitState) -> None:
+        _append_journal(out, {"split": split, "state": asdict(state)})
+
+    writers = {s: SplitWriter(out, s, config, eot, dtype, states[s], on_commit) for s in SPLITS}
+    reader = DocumentReader(sources, text_field=config.text_field, sample_by=config.sample_by,
+                            on_error=config.on_error, hf_split=config.hf_split, piece_chars=config.piece_chars)
+    mine, by_document = assign_sources(train_sources, config.num_workers, config.worker_index)
+    indices = (mine if mine is not None else list(range(len(train_sources)))) + \
+        [len(train_sources) + i for i in range(len(val_sources)) if config.worker_index == 0 or by_document]
+    held_out = _val_selector(config)
+
+    from tqdm import tqdm
+
+    bar = tqdm(unit=" docs", file=sys.stderr, disable=not progress, mininterval=1.0, desc=f"prepare {out.name}")
+    batch: list[tuple[SplitWriter, int, Document]] = []
+    batch_chars = 0
+    stats = {"documents": 0, "characters": 0}
+
+    def flush() -> None:
+        nonlocal batch, batch_chars
+        if not batch:
+            return
+        encodings = tokenizer.encode_batch([doc.text for _, _, doc in batch], add_special_tokens=False)
+        for (writer, ordinal, doc), enc in zip(batch, encodings):
+            writer.add(ordinal, np.asarray(enc.ids, dtype=dtype), doc.final)
+        batch, batch_chars = [], 0
+        bar.set_postfix(train_rows=writers["train"].state.rows, val_rows=writers["val"].state.rows, refresh=False)
+
+    number = -1  # document number in reading order (all sources of this run)
+    kept = 0  # documents of this worker's share
+    try:
+        new_document = True
+        for doc in reader.documents(indices):
+            if new_document:
+                number += 1
+                is_val = doc.source >= len(train_sources) or held_out(doc.source, doc.record, number)
+                mine_doc = not by_document or number % config.num_workers == config.worker_index
+                kept += mine_doc
+                bar.update(1)
+            new_document = doc.final
+            if not mine_doc:
+                continue
+            writer = writers["val" if is_val else "train"]
+            ordinal, needed = writer.claim()
+            stats["characters"] += len(doc.text)
+            if not needed:
+                continue
+            batch.append((writer, ordinal, doc))
+            batch_chars += len(doc.text)
+            if batch_chars >= config.tokenize_batch_chars or len(batch) >= 4096:
+                flush()
+        flush()
+        for writer in writers.values():
+            writer.finish()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+    stats["documents"] = kept
+
+    problem = None
+    if kept == 0:
+        skipped = reader.skips.to_dict()["by_reason"]
+        problem = f"no documents in {config.data}" + (f" (skipped: {skipped})" if skipped else "")
+    elif writers["train"].state.rows == 0 and config.num_workers == 1:
+        problem = (f"no training rows: {writers['train'].dropped_tokens} tokens left for training, fewer than one "
+                   f"row of {config.seq_len + 1}; use more data, a shorter --seq-len, or --val 0")
+    if problem:  # leave no half-dataset behind that a rerun would try to resume
+        for split in writers.values():
+            for shard in split.state.shards:
+                (out / shard["file"]).unlink(missing_ok=True)
+        (out / JOURNAL).unlink(missing_ok=True)
+        raise DataError(problem)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "seq_len": config.seq_len,
+        "row_length": config.seq_len + 1,
+        "mode": "pack" if config.pack else "nopack",
+        "dtype": dtype.name,
+        "tokenizer": {"sha256": tok_sha, "vocab_size": vocab_size, "eot_token_id": eot, "pad_token_id": eot,
+                      "path": str(tok_dir)},
+        "text_field": config.text_field,
+        "sample_by": config.sample_by,
+        "sources": [
+            {"path": s.path, "kind": s.kind, "compression": s.compression, "bytes": s.size,
+             "documents": reader.documents_per_source[i], "split": "val" if i >= len(train_sources) else "train"}
+            for i, s in enumerate(sources) if i in indices
+        ],
+        "val": {"data": config.val_data, "held_out": config.val, "seed": config.seed},
+        "workers": {"count": config.num_workers, "index": config.worker_index},
+        "characters": stats["characters"],
+        "skipped": reader.skips.to_dict(),
+        "splits": {
+            split: {
+                "rows": w.state.rows,
+                "tokens": w.state.tokens,
+                "documents": w.state.documents,
+                "dropped_tokens": w.dropped_tokens,
+                "truncated_documents": w.state.truncated_documents,
+                "shards": w.state.shards,
+            }
+            for split, w in writers.items()
+        },
+    }
+    atomic_write_json(manifest_path, manifest)
+    (out / JOURNAL).unlink(missing_ok=True)
+    if reader.skips.total():
+        log.warning("skipped %d records: %s", reader.skips.total(), reader.skips.to_dict()["by_reason"])
+    return manifest
+
+
+def _append_journal(out: Path, entry: dict[str, Any]) -> None:
+    path = out / JOURNAL
+    with open(path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

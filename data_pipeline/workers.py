@@ -1,0 +1,73 @@
+"""Splitting `prepare` across workers (e.g. a Slurm job array) and merging their outputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from data_pipeline.shards import MANIFEST, atomic_write_json
+from data_pipeline.sources import DataError, Source
+
+SPLITS = ("train", "val")
+
+
+def worker_dir(out: Path, index: int, count: int) -> Path:
+    return out / f"worker-{index:03d}-of-{count:03d}"
+
+
+def assign_sources(sources: list[Source], workers: int, index: int) -> tuple[list[int] | None, bool]:
+    """Source indices of this worker (balanced by size), or (None, True) to split by document instead."""
+    if workers == 1:
+        return None, False
+    if len(sources) < workers or any(s.size is None for s in sources):
+        return None, True
+    load = [0] * workers
+    mine = []
+    for i in sorted(range(len(sources)), key=lambda i: (-sources[i].size, i)):
+        w = min(range(workers), key=lambda w: (load[w], w))
+        load[w] += sources[i].size
+        if w == index:
+            mine.append(i)
+    return sorted(mine), False
+
+
+def merge_workers(out_dir: str | Path) -> dict[str, Any]:
+    """Combine the manifests of `prepare --num-workers N` runs into OUT/manifest.json."""
+    root = Path(out_dir)
+    parts = sorted(root.glob("worker-*-of-*"))
+    if not parts:
+        raise DataError(f"'{root}' holds no worker-I-of-N folders to merge")
+    count = int(parts[0].name.rsplit("-", 1)[1])
+    expected = [worker_dir(root, i, count) for i in range(count)]
+    missing = [p.name for p in expected if not (p / MANIFEST).exists()]
+    if missing:
+        raise DataError(f"cannot merge '{root}': workers not finished: {', '.join(missing)}")
+    manifests = [json.loads((p / MANIFEST).read_text()) for p in expected]
+    first = manifests[0]
+    for key in ("seq_len", "mode", "dtype", "tokenizer", "text_field", "sample_by", "val"):
+        for p, m in zip(expected, manifests):
+            if m[key] != first[key]:
+                raise DataError(f"cannot merge: {p.name} has {key}={m[key]!r}, {expected[0].name} has {first[key]!r}")
+    merged = {k: v for k, v in first.items() if k not in ("sources", "splits", "skipped", "workers", "characters")}
+    merged["fingerprint"] = hashlib.sha256("".join(m["fingerprint"] for m in manifests).encode()).hexdigest()
+    merged["workers"] = {"count": count}
+    merged["sources"] = [s for m in manifests for s in m["sources"]]
+    merged["characters"] = sum(m["characters"] for m in manifests)
+    reasons: dict[str, int] = {}
+    for m in manifests:
+        for reason, n in m["skipped"]["by_reason"].items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    merged["skipped"] = {"total": sum(reasons.values()), "by_reason": reasons}
+    merged["splits"] = {}
+    for split in SPLITS:
+        shards = [{**s, "file": f"{p.name}/{s['file']}"} for p, m in zip(expected, manifests) for s in m["splits"][split]["shards"]]
+        merged["splits"][split] = {
+            key: sum(m["splits"][split][key] for m in manifests)
+            for key in ("rows", "tokens", "documents", "dropped_tokens", "truncated_documents")
+        } | {"shards": shards}
+    if merged["splits"]["train"]["rows"] == 0:
+        raise DataError(f"merged dataset in '{root}' has no training rows")
+    atomic_write_json(root / MANIFEST, merged)
+    return merged
