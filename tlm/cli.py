@@ -217,6 +217,140 @@ class CLI:
             }
         )
 
+    def tokenizer(
+        self,
+        out: str,
+        data: Any = None,
+        vocab_size: int = 6400,
+        text_field: str = "text",
+        sample_by: str = "document",
+        on_error: str = "raise",
+        max_chars: int | None = None,
+        min_frequency: int = 2,
+        overwrite: bool = False,
+    ) -> None:
+        """Train a byte-level BPE tokenizer (tokenizers) from a streamed source.
+
+        Special tokens: <|endoftext|> (0: document separator, EOS, padding), <|im_start|> (1) and
+        <|im_end|> (2) (ChatML turn markers for a later chat corpus). `transformers.AutoTokenizer`
+        loads the result.
+
+        Args:
+            out: the folder to write tokenizer.json, tokenizer_config.json, special_tokens_map.json to.
+            data: files, folders, globs or a Hugging Face dataset name (a list for several); JSONL, JSON,
+                Parquet, CSV/TSV or text, optionally .gz/.xz/.zst/.bz2. Default: the bundled Gutenberg
+                demo corpus.
+            vocab_size: size of the vocabulary, special tokens and the 256 bytes included.
+            text_field: the field (JSON) or column (Parquet, CSV) holding the text.
+            sample_by: for text files: document (the whole file), paragraph or line.
+            on_error: raise (stop at the first bad record, naming file and line) or skip (count it).
+            max_chars: train on the first MAX_CHARS characters only.
+            min_frequency: smallest count for a pair to be merged.
+            overwrite: replace an existing tokenizer in OUT.
+        """
+        from data_pipeline import DEMO_TRAIN
+        from data_pipeline.sources import DocumentReader, resolve_sources
+        from data_pipeline.tokenizer import SPECIAL_TOKENS, save_tokenizer, tokenizer_sha256, train_tokenizer
+
+        data = str(DEMO_TRAIN) if data is None else data
+        if (Path(out) / "tokenizer.json").exists() and not overwrite:
+            raise CheckpointError(f"'{out}' already holds a tokenizer; pass --overwrite to replace it")
+        reader = DocumentReader(resolve_sources(data), text_field=text_field, sample_by=sample_by, on_error=on_error)
+        start = time.perf_counter()
+        trained = train_tokenizer(reader, vocab_size=vocab_size, min_frequency=min_frequency, max_chars=max_chars,
+                                  show_progress=sys.stderr.isatty())
+        save_tokenizer(trained, out)
+        seconds = time.perf_counter() - start
+        if reader.skips.total():
+            log.warning("skipped %d records: %s", reader.skips.total(), reader.skips.to_dict()["by_reason"])
+        log.info("trained a %d-token BPE in %.1f s -> %s", trained.get_vocab_size(), seconds, out)
+        emit({"out": out, "vocab_size": trained.get_vocab_size(), "special_tokens": list(SPECIAL_TOKENS),
+              "sha256": tokenizer_sha256(out), "documents": sum(reader.documents_per_source),
+              "skipped": reader.skips.to_dict(), "seconds": round(seconds, 2)})
+
+    def prepare(
+        self,
+        out: str,
+        data: Any = None,
+        tokenizer: str | None = None,
+        seq_len: int = 512,
+        pack: bool = True,
+        val: float | int | None = None,
+        val_data: Any = None,
+        text_field: str = "text",
+        sample_by: str = "document",
+        on_error: str = "raise",
+        hf_split: str = "train",
+        seed: int = 0,
+        shard_mb: float = 256.0,
+        num_workers: int = 1,
+        worker_index: int = 0,
+        merge: bool = False,
+        overwrite: bool = False,
+    ) -> None:
+        """Tokenize, pack and shard a corpus into Arrow files plus manifest.json.
+
+        Rerunning an interrupted prepare with the same flags resumes it; the output is byte-identical
+        to an uninterrupted run. For a corpus too large for one machine run N workers
+        (--num_workers N --worker_index I, e.g. a Slurm job array), then once `--merge`.
+
+        Args:
+            out: the output folder.
+            data: files, folders, globs or a Hugging Face dataset name (a list for several); JSONL, JSON,
+                Parquet, CSV/TSV or text, optionally .gz/.xz/.zst/.bz2. Default: the bundled Gutenberg demo
+                corpus, with the bundled validation books as --val_data.
+            tokenizer: a tokenizer folder (from `tlm tokenizer`).
+            seq_len: tokens a training row predicts; rows hold seq_len + 1 tokens.
+            pack: pack documents, separated by <|endoftext|>, into full rows; --nopack: one document per
+                row, truncated and padded, with a loss mask.
+            val: documents held out for validation: a fraction (0.01) or a count (100, one worker only).
+                Default: 0.01, or 0 when --val_data is given.
+            val_data: a separate validation source instead of held-out documents.
+            text_field: the field (JSON) or column (Parquet, CSV) holding the text.
+            sample_by: for text files: document (the whole file), paragraph or line.
+            on_error: raise (stop at the first bad record, naming file and line) or skip (count and
+                report it in the manifest).
+            hf_split: the split of a Hugging Face dataset.
+            seed: seed of the validation hold-out.
+            shard_mb: size of one shard file.
+            num_workers: split the sources across this many workers.
+            worker_index: which worker this is (0-based).
+            merge: merge the finished workers' outputs in OUT into one manifest.
+            overwrite: replace a prepared dataset (or an interrupted one) in OUT.
+        """
+        from data_pipeline import DEMO_TRAIN, DEMO_VAL
+        from data_pipeline.prepare import PrepareConfig, prepare
+        from data_pipeline.workers import merge_workers
+
+        start = time.perf_counter()
+        if merge:
+            manifest = merge_workers(out)
+        else:
+            if tokenizer is None:
+                raise ConfigError("give --tokenizer DIR (from `tlm tokenizer`), or --merge to combine worker outputs")
+            if data is None:  # the bundled corpus, with its held-out books for validation
+                data = str(DEMO_TRAIN)
+                val_data = str(DEMO_VAL) if val is None and val_data is None else val_data
+            if val is None:
+                val = 0.0 if val_data is not None else 0.01
+            config = PrepareConfig(
+                data=[str(d) for d in _as_list(data)], tokenizer=str(tokenizer), out=str(out), seq_len=seq_len,
+                pack=pack, text_field=text_field, sample_by=sample_by, on_error=on_error, hf_split=hf_split,
+                val=val, val_data=[str(d) for d in _as_list(val_data)] if val_data is not None else None,
+                seed=seed, shard_mb=shard_mb, num_workers=num_workers, worker_index=worker_index,
+            )
+            manifest = prepare(config, overwrite=overwrite, progress=sys.stderr.isatty())
+        seconds = time.perf_counter() - start
+        splits = {k: {f: v[f] for f in ("rows", "tokens", "documents")} | {"shards": len(v["shards"])}
+                  for k, v in manifest["splits"].items()}
+        tokens = sum(v["tokens"] for v in manifest["splits"].values())
+        log.info("prepared %s: %s", out, ", ".join(f"{k} {v['rows']} rows / {v['tokens']} tokens" for k, v in splits.items()))
+        reused = manifest.get("reused", False)
+        emit({"out": out, "seq_len": manifest["seq_len"], "mode": manifest["mode"], "splits": splits,
+              "skipped": manifest["skipped"], "reused": reused, "seconds": round(seconds, 2),
+              "tokens_per_s": None if reused else round(tokens / max(seconds, 1e-9)),
+              "mb_per_s": None if reused else round(manifest["characters"] / 1e6 / max(seconds, 1e-9), 2)})
+
     def export(self, checkpoint: str, out: str, dtype: str = "float32") -> None:
         """Write a Hugging Face LlamaForCausalLM folder (config.json, safetensors, tokenizer files).
 
