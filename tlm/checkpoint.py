@@ -26,7 +26,7 @@ import tlm
 from tlm.config import ModelConfig
 from tlm.errors import CheckpointError, ConfigError
 from tlm.model import TransformerLM
-from tlm.tokenizer import TOKENIZER_FILES, copy_tokenizer_files
+from tlm.tokenizer import copy_tokenizer_files
 
 CONFIG_NAME = "tlm_config.json"
 WEIGHTS_NAME = "model.safetensors"
