@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from data_pipeline.shards import BATCH_ROWS, FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from data_pipeline.shards import BATCH_ROWS, FORMAT, FORMAT_VERSION, MANIFEST
 from data_pipeline.sources import DataError
+from tlm.fileio import sha256_file
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:

@@ -32,14 +32,13 @@ from data_pipeline.shards import (
     MANIFEST,
     BATCH_ROWS,
     ShardFile,
-    atomic_write_json,
-    sha256_file,
     shard_schema,
     token_dtype,
 )
 from data_pipeline.sources import PIECE_CHARS, DataError, Document, DocumentReader, Source, resolve_sources
 from data_pipeline.tokenizer import EOT, tokenizer_sha256
 from data_pipeline.workers import assign_sources, worker_dir
+from tlm.fileio import atomic_write_json, sha256_file
 from tlm.tokenizer import load_tokenizer
 
 log = logging.getLogger("tlm.prepare")

@@ -9,14 +9,14 @@ hold fewer). A shard is written under a temporary name, fsynced, hashed and rena
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from tlm.fileio import fsync_path, sha256_file
 
 FORMAT = "tlm-tokens"
 FORMAT_VERSION = 1
@@ -33,30 +33,6 @@ def shard_schema(row_length: int, dtype: np.dtype, pack: bool) -> pa.Schema:
     if not pack:
         fields.append(pa.field("length", pa.int32()))
     return pa.schema(fields, metadata={b"tlm_format": FORMAT.encode(), b"tlm_format_version": str(FORMAT_VERSION).encode()})
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    """Write JSON beside `path`, fsync, rename: readers see the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    fsync_path(tmp)
-    os.replace(tmp, path)
 
 
 class ShardFile:

@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.shards import MANIFEST, atomic_write_json
+from data_pipeline.shards import MANIFEST
 from data_pipeline.sources import DataError, Source
+from tlm.fileio import atomic_write_json
 
 SPLITS = ("train", "val")
 

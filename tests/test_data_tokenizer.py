@@ -87,3 +87,12 @@ def test_training_reads_a_bounded_prefix(data_tokenizer: Path, shakespeare_jsonl
     assert sum(reader.documents_per_source) == 0  # stopped early: the source was never read to its end
     with pytest.raises(ValueError, match="vocab_size must hold"):
         train_tokenizer(reader, vocab_size=100)
+
+
+def test_training_is_deterministic(tmp_path: Path, shakespeare_jsonl: Path) -> None:
+    from data_pipeline.tokenizer import save_tokenizer, train_tokenizer
+
+    for name in ("a", "b"):
+        tok = train_tokenizer(DocumentReader(resolve_sources(str(shakespeare_jsonl))), vocab_size=600, show_progress=False)
+        save_tokenizer(tok, tmp_path / name)
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 import tlm
 from tlm.config import ModelConfig
 from tlm.errors import CheckpointError, ConfigError
+from tlm.fileio import atomic_write_json, fsync_path
 from tlm.model import TransformerLM
 from tlm.tokenizer import copy_tokenizer_files
 
@@ -32,21 +33,6 @@ CONFIG_NAME = "tlm_config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "tlm-model"
 FORMAT_VERSION = 1
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def stored_state(model: TransformerLM) -> dict[str, torch.Tensor]:
@@ -83,8 +69,7 @@ def save_model_dir(
     os.close(fd)
     try:
         save_file(state, tmp, metadata={"format": "pt", "tlm_format": FORMAT, "tlm_format_version": str(FORMAT_VERSION)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_path(Path(tmp))
         os.replace(tmp, out / WEIGHTS_NAME)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -97,7 +82,7 @@ def save_model_dir(
         "model": model.config.to_dict(),
         **(extra or {}),
     }
-    atomic_write_bytes(out / CONFIG_NAME, (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write_json(out / CONFIG_NAME, meta)
     return out
 
 

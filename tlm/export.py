@@ -7,7 +7,6 @@ transformers and silently compute something else.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -15,9 +14,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from tlm.checkpoint import CONFIG_NAME, atomic_write_bytes, load_config, read_weights
+from tlm.checkpoint import CONFIG_NAME, load_config, read_weights
 from tlm.config import ModelConfig
 from tlm.errors import ExportError
+from tlm.fileio import atomic_write_json, fsync_path
 from tlm.tokenizer import copy_tokenizer_files, has_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -98,12 +98,13 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, dtype: 
     weights = {hf_name(name): t.to(DTYPES[dtype]).contiguous() for name, t in read_weights(checkpoint, config).items()}
     tmp = out / ".model.safetensors.tmp"
     save_file(weights, str(tmp), metadata={"format": "pt"})
+    fsync_path(tmp)
     os.replace(tmp, out / "model.safetensors")
     if has_tokenizer(checkpoint):
         copy_tokenizer_files(Path(checkpoint), out)
     generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(config, k) is not None}
     if generation:
-        atomic_write_bytes(out / "generation_config.json", (json.dumps(generation, indent=2) + "\n").encode())
+        atomic_write_json(out / "generation_config.json", generation)
     # config.json last: a folder without it is visibly incomplete, never half-loadable.
-    atomic_write_bytes(out / "config.json", (json.dumps(hf_config(config, dtype), indent=2) + "\n").encode())
+    atomic_write_json(out / "config.json", hf_config(config, dtype))
     return out
