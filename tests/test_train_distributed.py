@@ -1,0 +1,113 @@
+"""Every backend on 1 and 2 CPU processes (gloo): equal losses, exact resume, resume on another world size."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.prepare import PrepareConfig, prepare
+
+BACKENDS = {
+    "ddp": {"train.backend": "ddp"},
+    "zero0": {"train.backend": "deepspeed", "train.zero_stage": 0},
+    "zero1": {"train.backend": "deepspeed", "train.zero_stage": 1},
+    "zero2": {"train.backend": "deepspeed", "train.zero_stage": 2},
+    "zero3": {"train.backend": "deepspeed", "train.zero_stage": 3},
+    "fsdp2": {"train.backend": "fsdp2"},
+}
+DRIVER = Path(__file__).with_name("dist_driver.py")
+
+
+def base(prepared: Path, run_dir: Path, **extra) -> dict:
+    return {
+        "model.preset": "debug", "data.prepared": str(prepared), "data.seq_len": 64,
+        "batch.micro_batch_size": 4, "batch.global_batch_size": 8, "train.max_steps": 6, "train.precision": "fp32",
+        "eval.every": 0, "eval.max_batches": 2, "checkpoint.every": 0, "logging.log_every": 1,
+        "logging.progress": False, "logging.sample_prompt": None, "logging.run_dir": str(run_dir), **extra,
+    }
+
+
+def launch(plan: list[dict], workdir: Path, processes: int) -> dict:
+    plan_file, results = workdir / f"plan-{processes}.json", workdir / f"results-{processes}.json"
+    plan_file.write_text(json.dumps(plan))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if processes == 1:
+        command = [sys.executable, str(DRIVER), str(plan_file), str(results)]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                   "--master_port", str(_free_port()), str(DRIVER), str(plan_file), str(results)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(results.read_text())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, data_tokenizer: Path, shakespeare_jsonl: Path) -> dict:
+    work = tmp_path_factory.mktemp("distributed")
+    prepared = work / "data"
+    prepare(PrepareConfig(data=[str(shakespeare_jsonl)], tokenizer=str(data_tokenizer), out=str(prepared), seq_len=64,
+                          val=0.05), progress=False)
+    two = []
+    for name, backend in BACKENDS.items():
+        two += [
+            {"name": f"{name}-fp32", "overrides": base(prepared, work / "2p" / f"{name}-fp32", **backend)},
+            {"name": f"{name}-bf16", "overrides": base(prepared, work / "2p" / f"{name}-bf16", **backend,
+                                                       **{"train.precision": "bf16"})},
+            {"name": f"{name}-half", "overrides": base(prepared, work / "2p" / f"{name}-resume", **backend,
+                                                       **{"train.stop_at": 3})},
+            {"name": f"{name}-resumed", "overrides": base(prepared, work / "2p" / f"{name}-resume", **backend)},
+            {"name": f"{name}-half-for-1", "overrides": base(prepared, work / "2p" / f"{name}-to1", **backend,
+                                                             **{"train.stop_at": 3})},
+        ]
+    results = launch(two, work, 2)
+    one = []
+    for name, backend in BACKENDS.items():
+        single = {**backend, "train.backend": "single"} if name == "ddp" else backend  # single resumes DDP's state
+        one += [
+            {"name": f"{name}-fp32", "overrides": base(prepared, work / "1p" / f"{name}-fp32", **single)},
+            {"name": f"{name}-bf16", "overrides": base(prepared, work / "1p" / f"{name}-bf16", **single,
+                                                       **{"train.precision": "bf16"})},
+            {"name": f"{name}-from-2", "overrides": base(prepared, work / "2p" / f"{name}-to1", **single)},
+        ]
+    return {"two": results, "one": launch(one, work, 1)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_and_two_processes_agree(runs: dict, backend: str) -> None:
+    one, two = runs["one"][f"{backend}-fp32"], runs["two"][f"{backend}-fp32"]
+    assert one["world_size"] == 1 and two["world_size"] == 2 and len(one["losses"]) == 6
+    assert one["losses"][-1] < one["losses"][0]
+    for a, b in zip(one["losses"], two["losses"]):
+        assert abs(a - b) < 5e-6, (one["losses"], two["losses"])
+    one, two = runs["one"][f"{backend}-bf16"], runs["two"][f"{backend}-bf16"]
+    for a, b in zip(one["losses"], two["losses"]):
+        assert abs(a - b) < 1e-3, (one["losses"], two["losses"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_gives_the_same_losses(runs: dict, backend: str) -> None:
+    straight = runs["two"][f"{backend}-fp32"]["losses"]
+    assert runs["two"][f"{backend}-half"]["losses"] == straight[:3]
+    assert runs["two"][f"{backend}-resumed"]["losses"] == straight[3:]  # bit-identical in fp32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_two_process_checkpoint_continues_on_one(runs: dict, backend: str) -> None:
+    straight = runs["two"][f"{backend}-fp32"]["losses"]
+    resumed = runs["one"][f"{backend}-from-2"]
+    assert resumed["world_size"] == 1 and resumed["steps"] == 6
+    for a, b in zip(resumed["losses"], straight[3:]):
+        assert abs(a - b) < 5e-6, (resumed["losses"], straight)
