@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -351,6 +352,68 @@ class CLI:
               "tokens_per_s": None if reused else round(tokens / max(seconds, 1e-9)),
               "mb_per_s": None if reused else round(manifest["characters"] / 1e6 / max(seconds, 1e-9), 2)})
 
+    def train(self, config: str | None = None, **overrides: Any) -> None:
+        """Train a model: one process, or every rank under torchrun / deepspeed / srun.
+
+        Without --config: configs/tlm-26m.yaml (the 26M baseline) when a GPU is present, otherwise
+        configs/cpu-demo.yaml (about five minutes on 2 CPU cores), on the bundled corpus, which is
+        tokenized and prepared on first use. A rerun resumes from the newest complete checkpoint.
+
+        Args:
+            config: a YAML recipe (see configs/).
+            overrides: any config key as --section.key=value, e.g. --train.max_steps=100
+                --batch.micro_batch_size=8 --train.backend=fsdp2 --model.num_key_value_heads=1
+                --checkpoint.resume=none --logging.wandb=offline.
+        """
+        from tlm.train import shutdown, train
+        from tlm.train_config import load_config
+
+        if config is None:
+            recipe = "tlm-26m.yaml" if torch.cuda.is_available() else "cpu-demo.yaml"
+            config = str(Path(__file__).resolve().parent.parent / "configs" / recipe)
+            log.info("no --config: using %s", config)
+        summary = train(load_config(config, overrides))
+        history = summary.pop("history")
+        rank0 = int(os.environ.get("RANK", "0")) == 0
+        if rank0:
+            if summary.get("sample"):
+                print(summary["sample"])
+            summary["losses"] = [h["loss"] for h in history if "loss" in h]
+            emit(summary)
+        shutdown()
+
+    def eval(
+        self,
+        checkpoint: str,
+        data: Any,
+        seq_len: int = 512,
+        split: str | None = None,
+        batch_size: int = 8,
+        max_batches: int | None = None,
+        text_field: str = "text",
+        device: str = "auto",
+    ) -> None:
+        """Validation loss and perplexity of a model directory (JSON on the last line).
+
+        Args:
+            checkpoint: a model directory (e.g. RUN/checkpoints/step-N/model).
+            data: a prepared folder (its val split, else train), or raw text (files, folders, globs),
+                tokenized with the checkpoint's tokenizer and packed into rows of seq_len + 1.
+            seq_len: row length for raw text (a prepared folder has its own).
+            split: the split of a prepared folder.
+            batch_size: sequences per forward.
+            max_batches: evaluate at most this many batches.
+            text_field: the field or column of raw JSON / Parquet / CSV holding the text.
+            device: auto, cpu, cuda.
+        """
+        from tlm.evaluate import evaluate_checkpoint
+
+        result = evaluate_checkpoint(checkpoint, data, seq_len=seq_len, split=split, batch_size=batch_size,
+                                     max_batches=max_batches, device=resolve_device(device), text_field=text_field)
+        log.info("%s: loss %.4f, perplexity %.2f over %d tokens", checkpoint, result["loss"], result["perplexity"],
+                 result["tokens"])
+        emit(result)
+
     def export(self, checkpoint: str, out: str, dtype: str = "float32") -> None:
         """Write a Hugging Face LlamaForCausalLM folder (config.json, safetensors, tokenizer files).
 
@@ -371,6 +434,12 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point of `tlm`."""
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher adds --local_rank=N (before the command when run with --module); the rank
+    # is also in the environment, so drop the flag wherever it is.
+    for arg in [a for a in args if a.split("=")[0] in ("--local_rank", "--local-rank")]:
+        args.remove(arg)
+        if "=" in arg:
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
     # fire reads `--help` after a command that takes **overrides as one more override; its own
     # spelling is `COMMAND -- --help`. Accept the usual one.
     if ("--help" in args or "-h" in args) and "--" not in args:

@@ -1,0 +1,116 @@
+"""Training speed: tlm's training step against a plain loop over transformers' LlamaForCausalLM of the same
+shape, batch and precision, side by side in one process.
+
+Both sides do the same work per step: forward, fp32 cross-entropy over all targets, backward, gradient
+clipping at 1.0 and an AdamW step, with fp32 weights and bf16 autocast when --precision=bf16. tlm's side
+goes through its real backend (`PlainBackend.micro_step` / `optimizer_step`). Reports tokens/s, step time
+(median over `steps` after `warmup`), MFU when the device has a stated peak, and peak memory (CUDA) or the
+process's peak RSS (CPU). Prints a table on stderr and one JSON object on the last line of stdout.
+
+    python benchmarks/train_speed.py                                   # tlm-26m, 4 x 256, bf16, CPU
+    python benchmarks/train_speed.py --batch=32 --seq=512 --steps=20   # on a GPU
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import fire
+import torch
+import torch.nn.functional as F
+
+from tlm.backends import DistInfo, PlainBackend
+from tlm.checkpoint import save_model_dir
+from tlm.config import get_preset
+from tlm.export import export_hf
+from tlm.metrics import flops_per_token, peak_flops
+from tlm.model import TransformerLM
+from tlm.train_config import load_config
+
+
+def median_step(step, steps: int, warmup: int, device: torch.device) -> float:
+    times = []
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main(preset: str = "tlm-26m", batch: int = 4, seq: int = 256, steps: int = 5, warmup: int = 2,
+         precision: str = "bf16", device: str = "auto") -> dict:
+    """Median step time and tokens/s of tlm and of transformers' Llama on the same batch."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import transformers
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    torch.manual_seed(0)
+    config = load_config(None, {"model.preset": preset, "train.precision": precision, "train.backend": "single",
+                                "batch.micro_batch_size": batch, "data.seq_len": seq})
+    model = TransformerLM(get_preset(preset))
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model_dir(model, Path(tmp) / "tlm")
+        export_hf(Path(tmp) / "tlm", Path(tmp) / "hf")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.float32).to(dev).train()
+    backend = PlainBackend(model, config, DistInfo(0, 1, 0, dev), accumulation=1)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq + 1))
+    tlm_batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    scale = 1.0 / (batch * seq)
+
+    def tlm_step() -> None:
+        backend.micro_step(tlm_batch, scale, last=True)
+        backend.optimizer_step()
+
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=5e-4, weight_decay=0.01)
+    hf_ids = ids.to(dev)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def hf_step() -> None:
+        with autocast:
+            logits = hf(hf_ids[:, :-1]).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), hf_ids[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        hf_opt.step()
+        hf_opt.zero_grad(set_to_none=True)
+
+    results = {}
+    for name, step in (("tlm", tlm_step), ("transformers", hf_step)):
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        seconds = median_step(step, steps, warmup, dev)
+        results[name] = {"step_time": round(seconds, 4), "tokens_per_s": round(batch * seq / seconds, 1)}
+        if dev.type == "cuda":
+            results[name]["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+    flops = flops_per_token(model.config, seq)
+    peak = peak_flops(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
+    for r in results.values():
+        r["mfu"] = round(flops * r["tokens_per_s"] / peak, 4) if peak else None
+    result = {
+        "preset": preset, "batch": batch, "seq": seq, "precision": precision, "device": str(dev),
+        "threads": torch.get_num_threads(), "flops_per_token": flops, **results,
+        "ratio_tlm_vs_transformers": round(results["tlm"]["tokens_per_s"] / results["transformers"]["tokens_per_s"], 3),
+        "process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    for name in ("tlm", "transformers"):
+        r = results[name]
+        print(f"{name:>13}: {r['step_time'] * 1000:8.1f} ms/step {r['tokens_per_s']:>10,.0f} tokens/s"
+              + (f"  MFU {r['mfu']:.1%}" if r["mfu"] else ""), file=sys.stderr)
+    print(f"tlm / transformers: {result['ratio_tlm_vs_transformers']:.3f}x", file=sys.stderr)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    fire.Fire(main, serialize=lambda _: None)

@@ -1,0 +1,70 @@
+"""`tlm eval`: loss and perplexity of a model directory on a prepared dataset or on raw text."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_pipeline.dataset import TokenRows, check_compatible, load_manifest
+from tlm.backends import DistInfo
+from tlm.checkpoint import load_model_dir
+from tlm.errors import CheckpointError
+from tlm.model import TransformerLM
+
+
+class ModelRunner:
+    """What `train.evaluate` needs of a backend, for a plain model (bf16 autocast on CUDA)."""
+
+    def __init__(self, model: TransformerLM, device: torch.device) -> None:
+        self.model, self.device = model, device
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        with ctx:
+            return self.model(input_ids)
+
+    def train_mode(self, training: bool) -> None:
+        self.model.train(training)
+
+
+def evaluate_checkpoint(checkpoint: str, data: Any, seq_len: int = 512, split: str | None = None,
+                        batch_size: int = 8, max_batches: int | None = None, device: torch.device | None = None,
+                        text_field: str = "text") -> dict[str, Any]:
+    """Evaluate `checkpoint` on a prepared folder (its split) or on raw text (tokenized with its tokenizer)."""
+    from tlm.train import evaluate
+
+    device = device or torch.device("cpu")
+    model = load_model_dir(checkpoint, device=device)
+    model_tokenizer = Path(checkpoint) / "tokenizer.json"
+    with tempfile.TemporaryDirectory(prefix="tlm-eval-") as tmp:
+        if isinstance(data, (str, Path)) and (Path(data) / "manifest.json").is_file():
+            folder = Path(data)
+            manifest = load_manifest(folder)
+            sha = None
+            if model_tokenizer.is_file():
+                from data_pipeline.tokenizer import tokenizer_sha256
+
+                sha = tokenizer_sha256(checkpoint)
+            check_compatible(manifest, model.config.vocab_size, manifest["seq_len"], sha, where=str(folder))
+            split = split or ("val" if manifest["splits"]["val"]["rows"] else "train")
+        else:
+            if not model_tokenizer.is_file():
+                raise CheckpointError(f"checkpoint '{checkpoint}' has no tokenizer to tokenize raw text with; "
+                                      "give a prepared folder instead")
+            from data_pipeline.prepare import PrepareConfig, prepare
+
+            folder = Path(tmp) / "data"
+            sources = [str(d) for d in data] if isinstance(data, (list, tuple)) else [str(data)]
+            prepare(PrepareConfig(data=sources, tokenizer=str(checkpoint), out=str(folder), seq_len=seq_len, val=0.0,
+                                  text_field=text_field), progress=False)
+            split = "train"
+        rows = TokenRows(folder, split)
+        info = DistInfo(0, 1, 0, device)
+        result = evaluate(ModelRunner(model, device), rows, batch_size, max_batches, info)
+    return {"loss": result["val_loss"], "perplexity": result["val_ppl"], "tokens": result["val_tokens"],
+            "rows": len(rows) if max_batches is None else min(len(rows), max_batches * batch_size),
+            "split": split, "seq_len": rows.seq_len, "checkpoint": str(checkpoint)}
