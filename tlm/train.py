@@ -200,6 +200,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
             torch.manual_seed(config.train.seed + step)
         log.info("resumed from %s at step %d (%d samples consumed)", resume, step, stream.consumed_samples)
 
+    if info.is_main and info.device.type == "cpu" and config.train.precision == "bf16" \
+            and "AVX512" not in torch.backends.cpu.get_cpu_capability():
+        log.warning("this CPU (%s) has no AVX-512 BF16: bf16 matmuls are emulated and can be 10-45x slower than "
+                    "fp32; consider --train.precision=fp32", torch.backends.cpu.get_cpu_capability())
     flops = flops_per_token(model_config, seq_len)
     peak = peak_flops(torch.cuda.get_device_name(info.device)) if info.device.type == "cuda" else None
     metrics = MetricsFile(run_dir / "metrics.jsonl") if info.is_main else None
