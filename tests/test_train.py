@@ -247,3 +247,14 @@ def test_raw_text_is_tokenized_and_prepared_on_first_use(tmp_path: Path, shakesp
     again = train(load_config(CONFIGS / "debug.yaml", {**overrides, "logging.run_dir": str(tmp_path / "run2")}))
     assert (datasets[0] / "manifest.json").stat().st_mtime == manifest  # the cache was reused
     assert again["history"][0]["loss"] == summary["history"][0]["loss"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["single", "deepspeed", "fsdp2"])
+def test_cuda_bf16_training_reports_mfu(tmp_path: Path, prepared: Path, backend: str) -> None:
+    summary = train(config_for(prepared, tmp_path / backend, **{"train.backend": backend, "train.precision": "bf16",
+                                                                "train.max_steps": 4, "train.device": "auto"}))
+    losses = [h["loss"] for h in summary["history"] if "loss" in h]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    assert summary["peak_memory_mb"] > 0 and ("mfu" in summary or "H" not in torch.cuda.get_device_name())

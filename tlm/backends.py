@@ -75,20 +75,36 @@ class Backend:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.info.device.type, dtype=torch.bfloat16)
 
+    def accumulation_context(self, last: bool):
+        """Where gradients are not synchronised across ranks until the last micro-batch of a step."""
+        return contextlib.nullcontext()
+
     def micro_step(self, batch: dict[str, torch.Tensor], loss_scale: float, last: bool) -> torch.Tensor:
         """Forward, loss x loss_scale, backward; returns the detached unscaled loss sum."""
-        raise NotImplementedError
+        batch = self._to_device(batch)
+        with self.accumulation_context(last):
+            logits = self.forward(batch["input_ids"])
+            loss = token_loss_sum(logits, batch["labels"], batch.get("loss_mask"))
+            (loss * loss_scale).backward()
+        return loss.detach()
 
     def optimizer_step(self) -> torch.Tensor | None:
         """Clip, step, zero the gradients; returns the gradient norm before clipping."""
-        raise NotImplementedError
+        norm = None
+        if self.config.optim.grad_clip > 0:
+            norm = nn.utils.clip_grad_norm_(self.module.parameters(), self.config.optim.grad_clip)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        with self.autocast():
+            return self.model(input_ids)
 
     def train_mode(self, training: bool) -> None:
         self.module.train(training)
@@ -121,27 +137,8 @@ class PlainBackend(Backend):
             self.model = nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
         self.optimizer = adamw(param_groups(self.module, config.optim), config.optim)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            return self.model(input_ids)
-
-    def micro_step(self, batch, loss_scale, last):
-        batch = self._to_device(batch)
-        sync = contextlib.nullcontext() if last or self.info.world_size == 1 else self.model.no_sync()
-        with sync:
-            with self.autocast():
-                logits = self.model(batch["input_ids"])
-            loss = token_loss_sum(logits, batch["labels"], batch.get("loss_mask"))
-            (loss * loss_scale).backward()
-        return loss.detach()
-
-    def optimizer_step(self):
-        norm = None
-        if self.config.optim.grad_clip > 0:
-            norm = nn.utils.clip_grad_norm_(self.module.parameters(), self.config.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+    def accumulation_context(self, last):
+        return contextlib.nullcontext() if last or self.info.world_size == 1 else self.model.no_sync()
 
     def save(self, path):
         if self.info.is_main:
@@ -287,25 +284,9 @@ class FSDP2Backend(Backend):
     def autocast(self):
         return contextlib.nullcontext()  # the mixed-precision policy casts
 
-    def forward(self, input_ids):
-        return self.model(input_ids)
-
-    def micro_step(self, batch, loss_scale, last):
-        batch = self._to_device(batch)
+    def accumulation_context(self, last):
         self.model.set_requires_gradient_sync(last)
-        logits = self.model(batch["input_ids"])
-        loss = token_loss_sum(logits, batch["labels"], batch.get("loss_mask"))
-        (loss * loss_scale).backward()
-        return loss.detach()
-
-    def optimizer_step(self):
-        norm = None
-        if self.config.optim.grad_clip > 0:
-            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return contextlib.nullcontext()
 
     def save(self, path):
         import torch.distributed.checkpoint as dcp
