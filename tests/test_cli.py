@@ -39,10 +39,11 @@ def last_json(result: subprocess.CompletedProcess) -> dict:
 def test_help_lists_every_command() -> None:
     text = run("--help")
     out = text.stdout + text.stderr
-    for command in ("init", "generate", "export", "presets", "tokenizer", "prepare"):
+    for command in ("init", "generate", "export", "presets", "tokenizer", "prepare", "train", "eval"):
         assert command in out
     for command, flag in (("init", "--preset"), ("generate", "--max_new_tokens"), ("export", "--dtype"),
-                          ("tokenizer", "--vocab_size"), ("prepare", "--seq_len")):
+                          ("tokenizer", "--vocab_size"), ("prepare", "--seq_len"), ("train", "--config"),
+                          ("eval", "--max_batches")):
         sub = run(command, "--help")
         assert flag in sub.stdout + sub.stderr
 
