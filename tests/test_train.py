@@ -258,3 +258,37 @@ def test_cuda_bf16_training_reports_mfu(tmp_path: Path, prepared: Path, backend:
     losses = [h["loss"] for h in summary["history"] if "loss" in h]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     assert summary["peak_memory_mb"] > 0 and ("mfu" in summary or "H" not in torch.cuda.get_device_name())
+
+
+def test_a_stop_signal_checkpoints_and_the_rerun_matches(tmp_path: Path, prepared: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    import tlm.train as train_module
+
+    straight = train(config_for(prepared, tmp_path / "straight", **{"train.max_steps": 8}))
+    real_lr_at = train_module.lr_at
+
+    def lr_at_with_preemption(step, *args):
+        if step == 2:
+            signal.raise_signal(signal.SIGUSR1)  # as Slurm does ahead of a time limit
+        return real_lr_at(step, *args)
+
+    monkeypatch.setattr(train_module, "lr_at", lr_at_with_preemption)
+    first = train(config_for(prepared, tmp_path / "run", **{"train.max_steps": 8}))
+    assert first["stopped"] == "SIGUSR1" and first["steps"] == 3 and not first["complete"]
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored after the run
+    monkeypatch.setattr(train_module, "lr_at", real_lr_at)
+    second = train(config_for(prepared, tmp_path / "run", **{"train.max_steps": 8}))
+    losses = lambda s: [h["loss"] for h in s["history"] if "loss" in h]  # noqa: E731
+    assert losses(first) + losses(second) == losses(straight)
+    assert second["complete"] and second["val_loss"] == straight["val_loss"]
+
+
+def test_a_stop_file_stops_every_rank(tmp_path: Path, prepared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stop_file = tmp_path / "stop"
+    stop_file.touch()
+    monkeypatch.setenv("TLM_STOP_FILE", str(stop_file))
+    summary = train(config_for(prepared, tmp_path / "run", **{"train.max_steps": 8}))
+    assert summary["steps"] == 1 and summary["stopped"] == f"stop file {stop_file}"
+    assert (tmp_path / "run" / "checkpoints" / "step-00000001" / "COMPLETE").exists()

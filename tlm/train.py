@@ -29,6 +29,7 @@ from tlm.fileio import atomic_write_json
 from tlm.metrics import MetricsFile, WandbLogger, flops_per_token, peak_flops, progress_bar
 from tlm.model import TransformerLM
 from tlm.optim import lr_at
+from tlm.preemption import StopRequest
 from tlm.train_config import TrainConfig
 from tlm.train_data import resolve_data
 from tlm.train_state import (
@@ -250,47 +251,57 @@ def train(config: TrainConfig) -> dict[str, Any]:
     stop_at = min(total_steps, config.train.stop_at or total_steps)
     if config.eval.at_start and step == 0:
         run_eval()
-    while step < stop_at:
-        lr = lr_at(step, total_steps, config.optim.lr, config.schedule)
-        backend.set_lr(lr)
-        batches = [next(stream) for _ in range(accumulation)]
-        if packed:
-            step_tokens = torch.tensor(float(global_batch * seq_len), dtype=torch.float64, device=info.device)
-        else:
-            step_tokens = _all_reduce(torch.tensor(float(sum(b["loss_mask"].sum() for b in batches)),
-                                                   dtype=torch.float64, device=info.device))
-        scale = info.world_size / step_tokens.item() if not packed else info.world_size / (global_batch * seq_len)
-        for i, batch in enumerate(batches):
-            window_loss += backend.micro_step(batch, scale, last=i == accumulation - 1).double()
-        grad_norm = backend.optimizer_step()
-        window_tokens += step_tokens
-        step += 1
-        window_steps += 1
-        tokens_seen += global_batch * seq_len
-        bar.update(1)
+    stop = StopRequest().install()
+    stopped = None
+    try:
+        while step < stop_at:
+            lr = lr_at(step, total_steps, config.optim.lr, config.schedule)
+            backend.set_lr(lr)
+            batches = [next(stream) for _ in range(accumulation)]
+            if packed:
+                step_tokens = torch.tensor(float(global_batch * seq_len), dtype=torch.float64, device=info.device)
+            else:
+                step_tokens = _all_reduce(torch.tensor(float(sum(b["loss_mask"].sum() for b in batches)),
+                                                       dtype=torch.float64, device=info.device))
+            scale = info.world_size / step_tokens.item() if not packed else info.world_size / (global_batch * seq_len)
+            for i, batch in enumerate(batches):
+                window_loss += backend.micro_step(batch, scale, last=i == accumulation - 1).double()
+            grad_norm = backend.optimizer_step()
+            window_tokens += step_tokens
+            step += 1
+            window_steps += 1
+            tokens_seen += global_batch * seq_len
+            bar.update(1)
 
-        if step % config.logging.log_every == 0 or step == total_steps:
-            sums = _all_reduce(torch.stack([window_loss, window_tokens / info.world_size]))
-            seconds = time.perf_counter() - window_start
-            tokens_per_s = window_steps * global_batch * seq_len / seconds
-            values = {"step": step, "loss": (sums[0] / sums[1]).item(), "lr": lr,
-                      "grad_norm": None if grad_norm is None else float(grad_norm),
-                      "tokens_seen": tokens_seen, "tokens_per_s": tokens_per_s, "step_time": seconds / window_steps,
-                      "epoch": stream.epoch}
-            if peak is not None:
-                values["mfu"] = flops * tokens_per_s / info.world_size / peak
-            record(values)
-            bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-            if info.is_main and not interactive:
-                log.info("step %d/%d: loss %.4f, lr %.2e, %s tokens/s", step, total_steps, values["loss"], lr,
-                         f"{tokens_per_s:,.0f}")
-            window_loss.zero_()
-            window_tokens.zero_()
-            window_start, window_steps = time.perf_counter(), 0
-        if config.eval.every and step % config.eval.every == 0 and step < total_steps:
-            run_eval()
-        if config.checkpoint.every and step % config.checkpoint.every == 0 and step < total_steps:
-            checkpoint()
+            if step % config.logging.log_every == 0 or step == total_steps:
+                sums = _all_reduce(torch.stack([window_loss, window_tokens / info.world_size]))
+                seconds = time.perf_counter() - window_start
+                tokens_per_s = window_steps * global_batch * seq_len / seconds
+                values = {"step": step, "loss": (sums[0] / sums[1]).item(), "lr": lr,
+                          "grad_norm": None if grad_norm is None else float(grad_norm),
+                          "tokens_seen": tokens_seen, "tokens_per_s": tokens_per_s, "step_time": seconds / window_steps,
+                          "epoch": stream.epoch}
+                if peak is not None:
+                    values["mfu"] = flops * tokens_per_s / info.world_size / peak
+                record(values)
+                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                if info.is_main and not interactive:
+                    log.info("step %d/%d: loss %.4f, lr %.2e, %s tokens/s", step, total_steps, values["loss"], lr,
+                             f"{tokens_per_s:,.0f}")
+                window_loss.zero_()
+                window_tokens.zero_()
+                window_start, window_steps = time.perf_counter(), 0
+            if config.eval.every and step % config.eval.every == 0 and step < total_steps:
+                run_eval()
+            if config.checkpoint.every and step % config.checkpoint.every == 0 and step < total_steps:
+                checkpoint()
+            stopped = stop.agreed()
+            if stopped:
+                if info.is_main:
+                    log.warning("stopping at step %d (%s); rerun the same command to resume", step, stopped)
+                break
+    finally:
+        stop.uninstall()
     bar.close()
     stream.close()
 
@@ -300,13 +311,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
         last_eval = {k: state[k] for k in ("val_loss", "val_ppl", "val_tokens") if k in state}
         final_path = resume
     else:
-        if step == total_steps:
+        if step == total_steps and not stopped:
             run_eval()
         final_path = checkpoint() if last_saved != step else checkpoint_dir(run_dir, step)
 
     summary: dict[str, Any] = {
         "run_dir": str(run_dir), "steps": step, "total_steps": total_steps, "complete": step == total_steps,
-        "tokens_seen": tokens_seen, "world_size": info.world_size,
+        "tokens_seen": tokens_seen, "world_size": info.world_size, "stopped": stopped,
         "backend": config.train.backend, "checkpoint": str(final_path), "model": str(final_path / "model"),
         "num_parameters": model.num_parameters(), "flops_per_token": flops, **last_eval,
     }

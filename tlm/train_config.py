@@ -184,8 +184,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is Any:
         return value
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("null", "none"))):
+            return None  # YAML null, or null / none on the command line
         errors = []
         for arg in args:
             if arg is type(None):

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Start `tlm train` with torchrun on one node or many (c10d rendezvous).
+#
+#   launch/torchrun.sh --config configs/tlm-26m.yaml                       # this node, all its GPUs
+#   PROCS_PER_NODE=2 launch/torchrun.sh --config configs/debug.yaml        # 2 processes (CPU: gloo ranks)
+#   NNODES=4 MASTER_ADDR=gpu1 MASTER_PORT=29500 launch/torchrun.sh ...      # the same command on each node
+#
+# With NNODES > 1 every node runs this with the same MASTER_ADDR:MASTER_PORT (the rendezvous endpoint, on
+# the first node) and RDZV_ID; node ranks are assigned at rendezvous.
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+NNODES=${NNODES:-1}
+if [ "$NNODES" -gt 1 ]; then
+    rdzv=(--nnodes "$NNODES" --rdzv_backend c10d --rdzv_id "${RDZV_ID:-tlm}"
+          --rdzv_endpoint "${MASTER_ADDR:?set MASTER_ADDR to the first node}:${MASTER_PORT:-29500}")
+else
+    rdzv=(--standalone --nnodes 1)
+fi
+exec "$TLM_PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc_per_node "$PROCS" -m tlm train "$@"

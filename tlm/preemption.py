@@ -1,0 +1,68 @@
+"""Stopping cleanly on request: SIGUSR1 / SIGTERM (Slurm preemption, time limits) or a stop file.
+
+Every rank installs the handlers; after each optimizer step the ranks agree (an all-reduce of one flag,
+on a gloo group so that no GPU stream is synchronised) whether any of them was asked to stop, so they all
+checkpoint at the same step. A stop file (the path in $TLM_STOP_FILE) serves launchers that do not pass
+signals on to their workers (torchrun, the deepspeed launcher): the job script creates it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("tlm")
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class StopRequest:
+    """Catches stop signals while installed (`install()` ... `uninstall()`, or as a context manager)."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._previous: dict[int, object] = {}
+        self._group = None
+        stop_file = os.environ.get("TLM_STOP_FILE")
+        self.stop_file = Path(stop_file) if stop_file else None
+
+    def install(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.reason is None:
+            self.reason = signal.Signals(signum).name
+            log.warning("%s received: finishing this step, then checkpointing and stopping", self.reason)
+
+    def agreed(self) -> str | None:
+        """The reason to stop if any rank was asked to (a collective: every rank calls it every step)."""
+        if self.reason is None and self.stop_file is not None and self.stop_file.exists():
+            self.reason = f"stop file {self.stop_file}"
+        if self._group is None:
+            return self.reason
+        flag = torch.tensor([1 if self.reason else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        if flag.item() and self.reason is None:
+            self.reason = "another rank was asked to stop"
+        return self.reason
