@@ -15,6 +15,8 @@ TLM_CONFIG=${TLM_CONFIG:-$TLM_HOME/configs/tlm-26m.yaml}
 TLM_ARGS=${TLM_ARGS:-}
 TLM_PYTHON=${TLM_PYTHON:-python3}
 
+# Ranks come from srun (SLURM_PROCID, ...) or torchrun, never from the submitting shell's environment.
+unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 export MASTER_ADDR MASTER_PORT

@@ -337,13 +337,13 @@ def init_distributed(config: TrainConfig) -> DistInfo:
         env.setdefault("DS_ACCELERATOR", "cpu")
     needs_group = world > 1 or config.train.backend in ("deepspeed", "fsdp2")
     if needs_group and not dist.is_initialized():
-        if world == 1:
-            env.setdefault("RANK", "0")
-            env.setdefault("WORLD_SIZE", "1")
-            env.setdefault("LOCAL_RANK", "0")
-            env.setdefault("MASTER_ADDR", "127.0.0.1")
-            env.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
+        backend = "nccl" if cuda else "gloo"
+        if "MASTER_ADDR" in env:  # a launcher's rendezvous
+            dist.init_process_group(backend=backend, device_id=device if cuda else None)
+        else:  # one process: a private group, not RANK / WORLD_SIZE in the environment (jobs it starts inherit that)
+            env.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                    world_size=1, device_id=device if cuda else None)
     return DistInfo(rank, world, local_rank, device)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -373,6 +374,10 @@ class CLI:
             config = str(Path(__file__).resolve().parent.parent / "configs" / recipe)
             log.info("no --config: using %s", config)
         summary = train(load_config(config, overrides))
+        # The checkpoint is written: a late stop signal (srun forwards USR1 to every task) must not turn
+        # this clean exit into a crash.
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         history = summary.pop("history")
         rank0 = int(os.environ.get("RANK", "0")) == 0
         if rank0:

@@ -146,200 +146,241 @@ def _sample(model_dir: Path, prompt: str, device: torch.device) -> str | None:
     return prompt + tok.decode(ids)
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) the training described by `config`; returns its summary and logged history."""
-    info = init_distributed(config)
-    accumulation = config.micro_steps(info.world_size)
-    micro = config.batch.micro_batch_size
-    seq_len = config.data.seq_len
-    global_batch = micro * accumulation * info.world_size
-    run_dir = config.run_dir
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+class Trainer:
+    """One run: set up (data, model, backend, stream, resume, logging), then `run()` it."""
 
-    prepared, tokenizer_dir = resolve_data(config, info.is_main)
-    rows = TokenRows(prepared, "train", verify="sha256" if info.is_main else "size")
-    manifest = rows.manifest
-    if (manifest["mode"] == "pack") != config.data.pack:
-        raise ConfigError(f"data.pack is {config.data.pack} but {prepared} was prepared in {manifest['mode']} mode")
-    model_config = _model_config(config, tokenizer_dir)
-    tok_sha = None
-    if tokenizer_dir is not None:
-        from data_pipeline.tokenizer import tokenizer_sha256
-
-        tok_sha = tokenizer_sha256(tokenizer_dir)
-    check_compatible(manifest, model_config.vocab_size, seq_len, tok_sha, where=str(prepared))
-    val_rows = TokenRows(prepared, "val", verify="size") if manifest["splits"]["val"]["rows"] else None
-    total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * len(rows) / global_batch))
-
-    resume = find_resume(run_dir, config.checkpoint.resume)
-    state = read_trainer_state(resume) if resume is not None else None
-    load_universal = False
-    if state is not None:
-        plain = ("single", "ddp")  # one format: a single process resumes DDP's checkpoint and vice versa
-        same = (state["backend"] == config.train.backend or {state["backend"], config.train.backend} <= set(plain))
-        if not same or (config.train.backend == "deepspeed" and state["zero_stage"] != config.train.zero_stage):
-            raise CheckpointError(f"{resume} was written by backend {state['backend']} (ZeRO {state['zero_stage']}); "
-                                  f"this run uses {config.train.backend} (ZeRO {config.train.zero_stage})")
-        load_universal = (state["world_size"] != info.world_size and config.train.backend == "deepspeed"
-                          and config.train.zero_stage > 0)
-        if load_universal and info.is_main:
-            convert_to_universal(resume / "backend")
-        _barrier()
-
-    torch.manual_seed(config.train.seed)  # identical initial weights on every rank
-    model = TransformerLM(model_config)
-    backend = make_backend(model, config, info, accumulation, load_universal)
-    stream = TokenStream(rows, micro, info.rank, info.world_size, seed=config.train.seed,
-                         prefetch=config.data.prefetch, pin_memory=info.device.type == "cuda")
-    step, tokens_seen = 0, 0
-    if state is not None:
-        backend.load(resume / "backend", state["world_size"])
-        stream.load_state_dict(state["stream"])
-        step, tokens_seen = state["step"], state.get("tokens_seen", 0)
-        if not load_rng(resume, info.rank):
-            torch.manual_seed(config.train.seed + step)
-        log.info("resumed from %s at step %d (%d samples consumed)", resume, step, stream.consumed_samples)
-
-    if info.is_main and info.device.type == "cpu" and config.train.precision == "bf16" \
-            and "AVX512" not in torch.backends.cpu.get_cpu_capability():
-        log.warning("this CPU (%s) has no AVX-512 BF16: bf16 matmuls are emulated and can be 10-45x slower than "
-                    "fp32; consider --train.precision=fp32", torch.backends.cpu.get_cpu_capability())
-    flops = flops_per_token(model_config, seq_len)
-    peak = peak_flops(torch.cuda.get_device_name(info.device)) if info.device.type == "cuda" else None
-    metrics = MetricsFile(run_dir / "metrics.jsonl") if info.is_main else None
-    wandb = WandbLogger(config.logging.wandb, config.logging.wandb_project, config.name, config.to_dict(), run_dir) \
-        if info.is_main else None
-    interactive = info.is_main and config.logging.progress and sys.stderr.isatty()
-    bar = progress_bar(total_steps, step, interactive)
-    if info.is_main:
-        log.info("training %s: %s parameters, %d steps of %d sequences x %d tokens (%d ranks x micro %d x accumulation %d), "
-                 "backend %s%s, %s", config.name, f"{model.num_parameters():,}", total_steps, global_batch, seq_len,
-                 info.world_size, micro, accumulation, config.train.backend,
-                 f" ZeRO-{config.train.zero_stage}" if config.train.backend == "deepspeed" else "", config.train.precision)
-
-    history: list[dict[str, Any]] = []
-    window_loss = torch.zeros((), dtype=torch.float64, device=info.device)
-    window_tokens = torch.zeros((), dtype=torch.float64, device=info.device)
-    window_start, window_steps = time.perf_counter(), 0
-    last_eval: dict[str, float] = {}
-    last_saved = step if state is not None else -1
-    packed = manifest["mode"] == "pack"
-
-    def record(values: dict[str, Any]) -> None:
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.info = info = init_distributed(config)
+        self.accumulation = config.micro_steps(info.world_size)
+        self.micro = config.batch.micro_batch_size
+        self.seq_len = config.data.seq_len
+        self.global_batch = self.micro * self.accumulation * info.world_size
+        self.run_dir = config.run_dir
         if info.is_main:
-            metrics.write(values)
-            wandb.log({k: v for k, v in values.items() if k != "step"}, step=values["step"])
-        history.append(values)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._setup_data()
+        self._setup_model_and_resume()
+        self._setup_logging()
 
-    def run_eval() -> None:
-        nonlocal last_eval
-        if val_rows is None:
+    def _setup_data(self) -> None:
+        config, info = self.config, self.info
+        prepared, self.tokenizer_dir = resolve_data(config, info.is_main)
+        self.rows = TokenRows(prepared, "train", verify="sha256" if info.is_main else "size")
+        manifest = self.rows.manifest
+        if (manifest["mode"] == "pack") != config.data.pack:
+            raise ConfigError(f"data.pack is {config.data.pack} but {prepared} was prepared in {manifest['mode']} mode")
+        self.packed = manifest["mode"] == "pack"
+        self.model_config = _model_config(config, self.tokenizer_dir)
+        tok_sha = None
+        if self.tokenizer_dir is not None:
+            from data_pipeline.tokenizer import tokenizer_sha256
+
+            tok_sha = tokenizer_sha256(self.tokenizer_dir)
+        check_compatible(manifest, self.model_config.vocab_size, self.seq_len, tok_sha, where=str(prepared))
+        self.val_rows = TokenRows(prepared, "val", verify="size") if manifest["splits"]["val"]["rows"] else None
+        self.total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * len(self.rows) / self.global_batch))
+
+    def _setup_model_and_resume(self) -> None:
+        config, info = self.config, self.info
+        self.resume = find_resume(self.run_dir, config.checkpoint.resume)
+        self.state = state = read_trainer_state(self.resume) if self.resume is not None else None
+        load_universal = False
+        if state is not None:
+            plain = ("single", "ddp")  # one format: a single process resumes DDP's checkpoint and vice versa
+            same = state["backend"] == config.train.backend or {state["backend"], config.train.backend} <= set(plain)
+            if not same or (config.train.backend == "deepspeed" and state["zero_stage"] != config.train.zero_stage):
+                raise CheckpointError(f"{self.resume} was written by backend {state['backend']} (ZeRO {state['zero_stage']}); "
+                                      f"this run uses {config.train.backend} (ZeRO {config.train.zero_stage})")
+            load_universal = (state["world_size"] != info.world_size and config.train.backend == "deepspeed"
+                              and config.train.zero_stage > 0)
+            if load_universal and info.is_main:
+                convert_to_universal(self.resume / "backend")
+            _barrier()
+        torch.manual_seed(config.train.seed)  # identical initial weights on every rank
+        self.model = TransformerLM(self.model_config)
+        self.backend = make_backend(self.model, config, info, self.accumulation, load_universal)
+        self.stream = TokenStream(self.rows, self.micro, info.rank, info.world_size, seed=config.train.seed,
+                                  prefetch=config.data.prefetch, pin_memory=info.device.type == "cuda")
+        self.step, self.tokens_seen, self.last_saved = 0, 0, -1
+        if state is not None:
+            self.backend.load(self.resume / "backend", state["world_size"])
+            self.stream.load_state_dict(state["stream"])
+            self.step, self.tokens_seen, self.last_saved = state["step"], state.get("tokens_seen", 0), state["step"]
+            if not load_rng(self.resume, info.rank):
+                torch.manual_seed(config.train.seed + self.step)
+            log.info("resumed from %s at step %d (%d samples consumed)", self.resume, self.step,
+                     self.stream.consumed_samples)
+
+    def _setup_logging(self) -> None:
+        config, info = self.config, self.info
+        if info.is_main and info.device.type == "cpu" and config.train.precision == "bf16" \
+                and "AVX512" not in torch.backends.cpu.get_cpu_capability():
+            log.warning("this CPU (%s) has no AVX-512 BF16: bf16 matmuls are emulated and can be 10-45x slower than "
+                        "fp32; consider --train.precision=fp32", torch.backends.cpu.get_cpu_capability())
+        self.flops = flops_per_token(self.model_config, self.seq_len)
+        self.peak = peak_flops(torch.cuda.get_device_name(info.device)) if info.device.type == "cuda" else None
+        self.metrics = MetricsFile(self.run_dir / "metrics.jsonl") if info.is_main else None
+        self.wandb = WandbLogger(config.logging.wandb, config.logging.wandb_project, config.name, config.to_dict(),
+                                 self.run_dir) if info.is_main else None
+        self.interactive = info.is_main and config.logging.progress and sys.stderr.isatty()
+        self.bar = progress_bar(self.total_steps, self.step, self.interactive)
+        self.history: list[dict[str, Any]] = []
+        self.last_eval: dict[str, float] = {}
+        if info.is_main:
+            log.info("training %s: %s parameters, %d steps of %d sequences x %d tokens (%d ranks x micro %d x "
+                     "accumulation %d), backend %s%s, %s", config.name, f"{self.model.num_parameters():,}",
+                     self.total_steps, self.global_batch, self.seq_len, info.world_size, self.micro, self.accumulation,
+                     config.train.backend, f" ZeRO-{config.train.zero_stage}" if config.train.backend == "deepspeed" else "",
+                     config.train.precision)
+
+    # --- pieces of the loop ------------------------------------------------------------------------
+
+    def record(self, values: dict[str, Any]) -> None:
+        if self.info.is_main:
+            self.metrics.write(values)
+            self.wandb.log({k: v for k, v in values.items() if k != "step"}, step=values["step"])
+        self.history.append(values)
+
+    def run_eval(self) -> None:
+        if self.val_rows is None:
             return
-        last_eval = evaluate(backend, val_rows, config.eval.batch_size or micro, config.eval.max_batches, info)
-        record({"step": step, **last_eval, "tokens_seen": tokens_seen})
-        if info.is_main and not interactive:
-            log.info("step %d: val loss %.4f, perplexity %.2f", step, last_eval["val_loss"], last_eval["val_ppl"])
+        self.last_eval = evaluate(self.backend, self.val_rows, self.config.eval.batch_size or self.micro,
+                                  self.config.eval.max_batches, self.info)
+        self.record({"step": self.step, **self.last_eval, "tokens_seen": self.tokens_seen})
+        if self.info.is_main and not self.interactive:
+            log.info("step %d: val loss %.4f, perplexity %.2f", self.step, self.last_eval["val_loss"],
+                     self.last_eval["val_ppl"])
 
-    def checkpoint() -> Path:
-        nonlocal last_saved
-        path = save_checkpoint(run_dir, step, backend, stream, config, model_config, tokenizer_dir, info,
-                               {"tokens_seen": tokens_seen, "total_steps": total_steps, **last_eval})
-        last_saved = step
+    def checkpoint(self) -> Path:
+        path = save_checkpoint(self.run_dir, self.step, self.backend, self.stream, self.config, self.model_config,
+                               self.tokenizer_dir, self.info,
+                               {"tokens_seen": self.tokens_seen, "total_steps": self.total_steps, **self.last_eval})
+        self.last_saved = self.step
         return path
 
-    stop_at = min(total_steps, config.train.stop_at or total_steps)
-    if config.eval.at_start and step == 0:
-        run_eval()
-    stop = StopRequest().install()
-    stopped = None
-    try:
-        while step < stop_at:
-            lr = lr_at(step, total_steps, config.optim.lr, config.schedule)
-            backend.set_lr(lr)
-            batches = [next(stream) for _ in range(accumulation)]
-            if packed:
-                step_tokens = torch.tensor(float(global_batch * seq_len), dtype=torch.float64, device=info.device)
-            else:
-                step_tokens = _all_reduce(torch.tensor(float(sum(b["loss_mask"].sum() for b in batches)),
-                                                       dtype=torch.float64, device=info.device))
-            scale = info.world_size / step_tokens.item() if not packed else info.world_size / (global_batch * seq_len)
-            for i, batch in enumerate(batches):
-                window_loss += backend.micro_step(batch, scale, last=i == accumulation - 1).double()
-            grad_norm = backend.optimizer_step()
-            window_tokens += step_tokens
-            step += 1
-            window_steps += 1
-            tokens_seen += global_batch * seq_len
-            bar.update(1)
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
+        """One optimizer step; returns (local loss sum, global target tokens, lr, grad norm)."""
+        info = self.info
+        lr = lr_at(self.step, self.total_steps, self.config.optim.lr, self.config.schedule)
+        self.backend.set_lr(lr)
+        batches = [next(self.stream) for _ in range(self.accumulation)]
+        if self.packed:
+            tokens = torch.tensor(float(self.global_batch * self.seq_len), dtype=torch.float64, device=info.device)
+            scale = info.world_size / (self.global_batch * self.seq_len)
+        else:
+            tokens = _all_reduce(torch.tensor(float(sum(b["loss_mask"].sum() for b in batches)), dtype=torch.float64,
+                                              device=info.device))
+            scale = info.world_size / tokens.item()
+        loss = torch.zeros((), dtype=torch.float64, device=info.device)
+        for i, batch in enumerate(batches):
+            loss += self.backend.micro_step(batch, scale, last=i == self.accumulation - 1).double()
+        grad_norm = self.backend.optimizer_step()
+        self.step += 1
+        self.tokens_seen += self.global_batch * self.seq_len
+        self.bar.update(1)
+        return loss, tokens, lr, grad_norm
 
-            if step % config.logging.log_every == 0 or step == total_steps:
-                sums = _all_reduce(torch.stack([window_loss, window_tokens / info.world_size]))
-                seconds = time.perf_counter() - window_start
-                tokens_per_s = window_steps * global_batch * seq_len / seconds
-                values = {"step": step, "loss": (sums[0] / sums[1]).item(), "lr": lr,
-                          "grad_norm": None if grad_norm is None else float(grad_norm),
-                          "tokens_seen": tokens_seen, "tokens_per_s": tokens_per_s, "step_time": seconds / window_steps,
-                          "epoch": stream.epoch}
-                if peak is not None:
-                    values["mfu"] = flops * tokens_per_s / info.world_size / peak
-                record(values)
-                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-                if info.is_main and not interactive:
-                    log.info("step %d/%d: loss %.4f, lr %.2e, %s tokens/s", step, total_steps, values["loss"], lr,
-                             f"{tokens_per_s:,.0f}")
+    def log_window(self, loss: torch.Tensor, tokens: torch.Tensor, steps: int, seconds: float, lr: float,
+                   grad_norm: torch.Tensor | None) -> None:
+        sums = _all_reduce(torch.stack([loss, tokens / self.info.world_size]))
+        tokens_per_s = steps * self.global_batch * self.seq_len / seconds
+        values = {"step": self.step, "loss": (sums[0] / sums[1]).item(), "lr": lr,
+                  "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_seen": self.tokens_seen,
+                  "tokens_per_s": tokens_per_s, "step_time": seconds / steps, "epoch": self.stream.epoch}
+        if self.peak is not None:
+            values["mfu"] = self.flops * tokens_per_s / self.info.world_size / self.peak
+        self.record(values)
+        self.bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        if self.info.is_main and not self.interactive:
+            log.info("step %d/%d: loss %.4f, lr %.2e, %s tokens/s", self.step, self.total_steps, values["loss"], lr,
+                     f"{tokens_per_s:,.0f}")
+
+    # --- the run ------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Train to the end (or to train.stop_at, or until asked to stop), then evaluate and checkpoint."""
+        info = self.info
+        stop = StopRequest().install()  # until the final checkpoint is written, a stop signal only sets a flag
+        try:
+            stopped = self._loop(stop)
+            if self.state is not None and self.step == self.state["step"]:
+                if info.is_main:
+                    log.info("%s is already at step %d; nothing to train", self.run_dir, self.step)
+                self.last_eval = {k: self.state[k] for k in ("val_loss", "val_ppl", "val_tokens") if k in self.state}
+                final_path = self.resume
+            else:
+                if self.step == self.total_steps and not stopped:
+                    self.run_eval()
+                final_path = self.checkpoint() if self.last_saved != self.step else checkpoint_dir(self.run_dir, self.step)
+            return self._summary(final_path, stopped)
+        finally:
+            stop.uninstall()
+            self.bar.close()
+            self.stream.close()
+            if info.is_main:
+                self.metrics.close()
+                self.wandb.finish()
+            engine = getattr(self.backend, "engine", None)
+            if engine is not None and hasattr(engine, "destroy"):
+                engine.destroy()
+
+    def _loop(self, stop: StopRequest) -> str | None:
+        config = self.config
+        stop_at = min(self.total_steps, config.train.stop_at or self.total_steps)
+        if config.eval.at_start and self.step == 0:
+            self.run_eval()
+        window_loss = torch.zeros((), dtype=torch.float64, device=self.info.device)
+        window_tokens = torch.zeros((), dtype=torch.float64, device=self.info.device)
+        window_start, window_steps = time.perf_counter(), 0
+        while self.step < stop_at:
+            loss, tokens, lr, grad_norm = self.train_step()
+            window_loss += loss
+            window_tokens += tokens
+            window_steps += 1
+            if self.step % config.logging.log_every == 0 or self.step == self.total_steps:
+                self.log_window(window_loss, window_tokens, window_steps, time.perf_counter() - window_start, lr, grad_norm)
                 window_loss.zero_()
                 window_tokens.zero_()
                 window_start, window_steps = time.perf_counter(), 0
-            if config.eval.every and step % config.eval.every == 0 and step < total_steps:
-                run_eval()
-            if config.checkpoint.every and step % config.checkpoint.every == 0 and step < total_steps:
-                checkpoint()
+            if config.eval.every and self.step % config.eval.every == 0 and self.step < self.total_steps:
+                self.run_eval()
+            if config.checkpoint.every and self.step % config.checkpoint.every == 0 and self.step < self.total_steps:
+                self.checkpoint()
             stopped = stop.agreed()
             if stopped:
-                if info.is_main:
-                    log.warning("stopping at step %d (%s); rerun the same command to resume", step, stopped)
-                break
-    finally:
-        stop.uninstall()
-    bar.close()
-    stream.close()
+                if self.info.is_main:
+                    log.warning("stopping at step %d (%s); rerun the same command to resume", self.step, stopped)
+                return stopped
+        return None
 
-    if state is not None and step == state["step"]:
+    def _summary(self, final_path: Path, stopped: str | None) -> dict[str, Any]:
+        info = self.info
+        summary: dict[str, Any] = {
+            "run_dir": str(self.run_dir), "steps": self.step, "total_steps": self.total_steps,
+            "complete": self.step == self.total_steps, "tokens_seen": self.tokens_seen, "world_size": info.world_size,
+            "stopped": stopped, "backend": self.config.train.backend, "checkpoint": str(final_path),
+            "model": str(final_path / "model"), "num_parameters": self.model.num_parameters(),
+            "flops_per_token": self.flops, **self.last_eval,
+        }
+        logged = [h for h in self.history if "loss" in h]
+        if logged:
+            summary["final_loss"] = logged[-1]["loss"]
+            summary["tokens_per_s"] = logged[-1]["tokens_per_s"]
+            if self.peak is not None:
+                summary["mfu"] = self.flops * logged[-1]["tokens_per_s"] / info.world_size / self.peak
+        summary["peak_memory_mb"] = (torch.cuda.max_memory_allocated(info.device) / 2**20 if info.device.type == "cuda"
+                                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        if info.is_main and self.config.logging.sample_prompt:
+            summary["sample"] = _sample(final_path / "model", self.config.logging.sample_prompt, info.device)
         if info.is_main:
-            log.info("%s is already at step %d; nothing to train", run_dir, step)
-        last_eval = {k: state[k] for k in ("val_loss", "val_ppl", "val_tokens") if k in state}
-        final_path = resume
-    else:
-        if step == total_steps and not stopped:
-            run_eval()
-        final_path = checkpoint() if last_saved != step else checkpoint_dir(run_dir, step)
+            atomic_write_json(self.run_dir / "summary.json", summary)
+        return {**summary, "history": self.history}
 
-    summary: dict[str, Any] = {
-        "run_dir": str(run_dir), "steps": step, "total_steps": total_steps, "complete": step == total_steps,
-        "tokens_seen": tokens_seen, "world_size": info.world_size, "stopped": stopped,
-        "backend": config.train.backend, "checkpoint": str(final_path), "model": str(final_path / "model"),
-        "num_parameters": model.num_parameters(), "flops_per_token": flops, **last_eval,
-    }
-    losses = [h["loss"] for h in history if "loss" in h]
-    if losses:
-        summary["final_loss"] = losses[-1]
-        speeds = [h["tokens_per_s"] for h in history if "tokens_per_s" in h]
-        summary["tokens_per_s"] = speeds[-1]
-        if peak is not None:
-            summary["mfu"] = flops * speeds[-1] / info.world_size / peak
-    summary["peak_memory_mb"] = (torch.cuda.max_memory_allocated(info.device) / 2**20 if info.device.type == "cuda"
-                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    if info.is_main and config.logging.sample_prompt:
-        summary["sample"] = _sample(final_path / "model", config.logging.sample_prompt, info.device)
-    if info.is_main:
-        atomic_write_json(run_dir / "summary.json", summary)
-        metrics.close()
-        wandb.finish()
-    if hasattr(backend, "engine") and hasattr(backend.engine, "destroy"):
-        backend.engine.destroy()
-    summary["history"] = history
-    return summary
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) the training described by `config`; returns its summary and logged history."""
+    return Trainer(config).run()
 
 
 def shutdown() -> None:
