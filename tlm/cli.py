@@ -387,6 +387,53 @@ class CLI:
             emit(summary)
         shutdown()
 
+    def ablate(
+        self,
+        study: str,
+        scale: str = "cpu",
+        seeds: int = 2,
+        out: str | None = None,
+        report: str | None = None,
+        slurm: bool = False,
+        sbatch_args: str = "",
+        **overrides: Any,
+    ) -> None:
+        """Run an ablation study (each variant x seeds), then write its plots and report.
+
+        Studies: lr, batch, norm, norm_position, position, mlp, kv_heads, yarn, or all; `report` only
+        regenerates the report from the runs' metrics files. Finished runs are not trained again.
+
+        Args:
+            study: lr | batch | norm | norm_position | position | mlp | kv_heads | yarn | all | report.
+            scale: cpu (configs/ablations/cpu.yaml, minutes per run on a CPU) or h200 (the 26M recipe).
+            seeds: seeds per variant (each seed fixes the initial weights and the data order).
+            out: the folder of the runs (default runs/ablations/SCALE); runs go in OUT/runs.
+            report: where report.md and the PNGs go (default OUT/report).
+            slurm: submit the unfinished runs as one job array (slurm/ablate.sbatch) instead of running here.
+            sbatch_args: extra sbatch flags with --slurm, e.g. "--partition=gpu --gpus-per-node=1".
+            overrides: --section.key=value applied to every run, e.g. --data.source=corpus.jsonl.
+        """
+        from tlm.ablate import plan, resolve_studies, run_local, submit_slurm
+        from tlm.ablate_report import write_report
+
+        out_dir = Path(out or f"runs/ablations/{scale}")
+        report_dir = Path(report) if report else out_dir / "report"
+        names = resolve_studies("all" if study == "report" else study)
+        trained: list[str] = []
+        if study != "report":
+            runs = plan(names, scale, seeds, overrides)
+            if slurm:
+                job = submit_slurm(runs, scale, out_dir, sbatch_args)
+                log.info("submitted job array %s (%d runs); then: tlm ablate report --scale %s --out %s", job or "-",
+                         len(runs), scale, out_dir)
+                emit({"job": job, "runs": [r["name"] for r in runs]})
+                return
+            trained = run_local(runs, scale, out_dir)
+            log.info("trained %d of %d runs", len(trained), len(runs))
+        path = write_report(out_dir / "runs", report_dir, scale, seeds, names)
+        log.info("report: %s", path)
+        emit({"report": str(path), "studies": names, "trained": trained})
+
     def eval(
         self,
         checkpoint: str,

@@ -1,0 +1,112 @@
+"""The ablation runner at micro scale, and the report's statistics, verdicts and figures read from files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.prepare import PrepareConfig, prepare
+from tlm.ablate import plan, slug, studies
+from tlm.ablate_report import _curve, load_run, verdict, write_report
+from tlm.cli import main
+from tlm.train_config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory, data_tokenizer: Path, shakespeare_jsonl: Path) -> Path:
+    out = tmp_path_factory.mktemp("ablate-data") / "data"
+    prepare(PrepareConfig(data=[str(shakespeare_jsonl)], tokenizer=str(data_tokenizer), out=str(out), seq_len=64,
+                          val=0.05), progress=False)
+    return out
+
+
+def test_every_study_is_derived_from_the_base_recipe() -> None:
+    base = load_config(REPO / "configs" / "ablations" / "cpu.yaml")
+    known = studies(base)
+    assert list(known) == ["lr", "batch", "norm", "norm_position", "position", "mlp", "kv_heads", "yarn"]
+    assert known["lr"].variants[known["lr"].baseline] == {} and len(known["lr"].variants) == 5
+    assert set(known["kv_heads"].variants) == {"kv_heads=1", "kv_heads=2", "kv_heads=4", "kv_heads=8"}
+    batch = known["batch"].variants
+    assert batch["batch=32"] == {"batch.global_batch_size": 32, "batch.micro_batch_size": 16, "train.max_steps": 150}
+    assert known["norm_position"].variants["post lr=0.015"] == {"model.norm_position": "post", "optim.lr": 0.015}
+
+
+def test_shared_settings_are_trained_once() -> None:
+    runs = plan(["lr", "norm_position", "norm"], "cpu", seeds=2)
+    names = [r["name"] for r in runs]
+    assert len(names) == len(set(names))
+    # lr: 5 settings; pre-norm's three learning rates are among them; post-norm adds 3; norm adds "none".
+    assert len(names) == 2 * (5 + 3 + 1)
+    assert "base-seed0" in names and "lr=0.0006-seed1" in names and slug({"model.norm": "none"}) == "norm=none"
+    assert all(r["overrides"]["train.seed"] in (0, 1) for r in runs)
+
+
+def test_micro_scale_run_then_report_reads_the_metrics(tmp_path: Path, prepared: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "ablations"
+    args = ["ablate", "norm", "--seeds", "1", "--out", str(out), f"--data.prepared={prepared}", "--data.seq_len=64",
+            "--train.max_steps=4", "--eval.every=2", "--eval.max_batches=2"]
+    main(args)
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = Path(figures["report"])
+    text = report.read_text()
+    runs = {name: load_run(out / "runs" / f"{name}-seed0") for name in ("base", "norm=none")}
+    for run in runs.values():
+        assert f"{run['final_val']:.4f} +- 0.0000" in text  # the table holds the values written to metrics.jsonl
+        xs, ys, lo, hi = _curve([run], "val")
+        logged = [r for r in (run["dir"] / "metrics.jsonl").read_text().splitlines() if "val_loss" in r]
+        assert ys == [json.loads(r)["val_loss"] for r in logged] and lo == hi == ys
+    assert (report.parent / "norm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (report.parent / "runs" / "base-seed0" / "metrics.jsonl").is_file()
+
+    # Rewrite the written metrics: the report must follow them, figures included.
+    metrics = out / "runs" / "norm=none-seed0" / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    records[-1]["val_loss"] = 1.2345
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    before = (report.parent / "norm.png").read_bytes()
+    main(["ablate", "report", "--seeds", "1", "--out", str(out)])
+    capsys.readouterr()
+    assert "| none | 1 | 1.2345 +- 0.0000 |" in report.read_text()
+    assert (report.parent / "norm.png").read_bytes() != before
+
+    # A second run of the study trains nothing: every run is complete.
+    main(args)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["trained"] == []
+
+
+def run(finals: list[float], start: float = 8.0, nan: bool = False) -> list[dict]:
+    return [{"dir": Path("x"), "final_val": f, "train": [{"loss": math.nan if nan else f, "tokens_seen": 1}],
+             "val": [{"val_loss": start, "tokens_seen": 0}, {"val_loss": f, "tokens_seen": 1}]} for f in finals]
+
+
+def test_verdicts_on_known_numbers() -> None:
+    known = studies(load_config(REPO / "configs" / "ablations" / "cpu.yaml"))
+    norm = known["norm"]
+    assert verdict(norm, {"rmsnorm": run([5.0, 5.1]), "none": run([5.5, 5.65])}, {})[0] == "reproduced"
+    assert verdict(norm, {"rmsnorm": run([5.0, 5.1]), "none": run([4.5, 4.65])}, {})[0] == "not reproduced"
+    assert verdict(norm, {"rmsnorm": run([5.0, 5.1]), "none": run([5.5, 5.0])}, {})[0] == "inconclusive"
+    assert verdict(norm, {"rmsnorm": [], "none": run([5.0])}, {})[0] == "no data"
+    kv = known["kv_heads"]
+    same = {"kv_heads=8": run([5.0, 5.1]), "kv_heads=1": run([5.01, 5.11]), "kv_heads=2": run([5.0, 5.1])}
+    assert verdict(kv, same, {})[0] == "reproduced"
+    worse = {**same, "kv_heads=1": run([5.3, 5.4])}
+    assert verdict(kv, worse, {})[0] == "not reproduced"
+    lr = known["lr"]
+    sweep = {v: run([5.0 + i * 0.1, 5.05 + i * 0.1]) for i, v in enumerate(lr.variants)}
+    label, lines = verdict(lr, sweep, {})
+    assert label == "not reproduced" and "best: lr=0.0006" in lines[0]
+    stability = known["norm_position"]
+    groups = {v: run([5.0, 5.0]) for v in stability.variants}
+    groups["post lr=0.015"] = run([8.0, 7.9])  # post-norm at 5x makes no progress
+    groups["post lr=0.003"] = run([math.nan, 5.0], nan=True)  # and diverges at 1x in one seed
+    label, lines = verdict(stability, groups, {})
+    assert label == "reproduced" and "pre-norm 0.015, post-norm 0.0006" in lines[0]
+    yarn = known["yarn"]
+    rows = [{"seq_len": 128, "long_context": [{"length": 256, "plain": 6.0, "yarn": 5.0, "windows": 4}]}]
+    assert verdict(yarn, {"base": run([5.0])}, {"base": rows})[0] == "reproduced"

@@ -1,0 +1,176 @@
+"""The ablation studies: each variant is a config override of one base recipe, run for N seeds.
+
+    tlm ablate STUDY [--scale cpu|h200] [--seeds 2] [--out runs/ablations/cpu] [--slurm]
+    tlm ablate report [--out ...] [--report docs/ablations]
+
+Runs are named by their overrides (`base`, `lr=0.0006`, `norm=none`, ...) plus the seed, so a setting shared
+by several studies (every study's baseline is the base recipe) is trained once. A run whose summary says
+complete is not trained again; an interrupted one resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tlm.errors import ConfigError
+from tlm.train_config import TrainConfig, load_config
+
+log = logging.getLogger("tlm")
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "ablations"
+SCALES = ("cpu", "h200")
+LR_MULTIPLIERS = (0.2, 0.5, 1, 2, 5)
+STABILITY_MULTIPLIERS = (0.2, 1, 5)
+BATCH_MULTIPLIERS = (0.5, 1, 2)
+KV_HEADS = (1, 2, 4, 8)
+EQUIVALENCE_MARGIN = 0.05  # nats of validation loss: "no loss in perplexity" means within this
+
+
+@dataclass
+class Study:
+    """A claim and the variants that test it. kind: sweep | better | equivalent | stability | yarn."""
+
+    name: str
+    title: str
+    claim: str
+    kind: str
+    baseline: str
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _number(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def studies(base: TrainConfig) -> dict[str, Study]:
+    """The eight studies, their variants derived from the base recipe."""
+    lr = base.optim.lr
+    batch = base.global_batch_size(1)
+    steps = base.train.max_steps
+    heads = base.model_config().num_attention_heads
+    lr_variants = {f"lr={_number(lr * m)}": ({} if m == 1 else {"optim.lr": lr * m}) for m in LR_MULTIPLIERS}
+    batch_variants = {}
+    for m in BATCH_MULTIPLIERS:
+        size = int(batch * m)
+        overrides = {} if m == 1 else {"batch.global_batch_size": size, "batch.micro_batch_size": min(size, base.batch.micro_batch_size)}
+        if m != 1 and steps:
+            overrides["train.max_steps"] = int(round(steps / m))  # the same number of tokens
+        batch_variants[f"batch={size}"] = overrides
+    stability = {}
+    for position in ("pre", "post"):
+        for m in STABILITY_MULTIPLIERS:
+            overrides = {} if m == 1 else {"optim.lr": lr * m}
+            if position == "post":
+                overrides = {"model.norm_position": "post", **overrides}
+            stability[f"{position} lr={_number(lr * m)}"] = overrides
+    kv = {f"kv_heads={k}": ({} if k == base.model_config().num_key_value_heads else {"model.num_key_value_heads": k})
+          for k in KV_HEADS if heads % k == 0 and k <= heads}
+    return {
+        "lr": Study("lr", "1. Learning rate", "the baseline learning rate is (near) the best of the sweep", "sweep",
+                    f"lr={_number(lr)}", lr_variants),
+        "batch": Study("batch", "2. Batch size", "the baseline batch size is (near) the best of the sweep at equal tokens",
+                       "sweep", f"batch={batch}", batch_variants),
+        "norm": Study("norm", "3. RMSNorm vs no normalisation",
+                      "RMSNorm converges to a lower loss than no normalisation", "better", "rmsnorm",
+                      {"rmsnorm": {}, "none": {"model.norm": "none"}}),
+        "norm_position": Study("norm_position", "4. Pre-norm vs post-norm",
+                               "post-norm needs a ~5x lower learning rate to train stably; pre-norm allows the higher rate",
+                               "stability", f"pre lr={_number(lr)}", stability),
+        "position": Study("position", "5. NoPE vs RoPE", "RoPE converges to a lower loss than NoPE "
+                          "(and a NoPE model still infers position)", "better", "rope",
+                          {"rope": {}, "nope": {"model.position_embedding": "nope"}}),
+        "mlp": Study("mlp", "6. SwiGLU vs SiLU", "SwiGLU converges to a lower loss than a SiLU MLP of about the same size",
+                     "better", "swiglu", {"swiglu": {}, "silu": {"model.mlp": "silu"}}),
+        "kv_heads": Study("kv_heads", "7. KV heads (GQA)",
+                          f"fewer KV heads cut KV-cache memory up to {heads}x with no loss in perplexity "
+                          f"(within {EQUIVALENCE_MARGIN} nats of {heads} heads)", "equivalent",
+                          f"kv_heads={heads}", kv),
+        "yarn": Study("yarn", "8. YaRN at inference",
+                      "YaRN lets a model trained at the base length keep its perplexity at 2-8x that length",
+                      "yarn", "base", {"base": {}}),
+    }
+
+
+def slug(overrides: dict[str, Any]) -> str:
+    """A run name from the overrides: `base`, or `key=value-key=value` (last part of each key)."""
+    if not overrides:
+        return "base"
+    return "-".join(f"{k.split('.')[-1]}={_number(v) if isinstance(v, float) else v}" for k, v in sorted(overrides.items()))
+
+
+def base_config_path(scale: str) -> Path:
+    if scale not in SCALES:
+        raise ConfigError(f"--scale must be one of {SCALES}, got {scale!r}")
+    return CONFIG_DIR / f"{scale}.yaml"
+
+
+def plan(names: list[str], scale: str, seeds: int, extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every distinct (overrides, seed) the chosen studies need, in order."""
+    base = load_config(base_config_path(scale), extra)
+    known = studies(base)
+    runs: dict[str, dict[str, Any]] = {}
+    for name in names:
+        for overrides in known[name].variants.values():
+            for seed in range(seeds):
+                run = f"{slug(overrides)}-seed{seed}"
+                runs.setdefault(run, {"name": run, "overrides": {**(extra or {}), **overrides, "train.seed": seed}})
+    return list(runs.values())
+
+
+def resolve_studies(study: str) -> list[str]:
+    names = list(studies(load_config(base_config_path("cpu"))))
+    if study == "all":
+        return names
+    if study not in names:
+        raise ConfigError(f"unknown study '{study}'; studies: {', '.join(names)}, all, report")
+    return [study]
+
+
+def is_complete(run_dir: Path) -> bool:
+    summary = run_dir / "summary.json"
+    return summary.is_file() and json.loads(summary.read_text()).get("complete", False)
+
+
+def run_local(runs: list[dict[str, Any]], scale: str, out: Path) -> list[str]:
+    """Train each run in this process, one after another; skip the finished ones. Returns those trained."""
+    from tlm.train import train
+
+    trained = []
+    for i, run in enumerate(runs, 1):
+        run_dir = out / "runs" / run["name"]
+        if is_complete(run_dir):
+            log.info("[%d/%d] %s: already done", i, len(runs), run["name"])
+            continue
+        log.info("[%d/%d] %s: training (%s)", i, len(runs), run["name"], run["overrides"] or "base recipe")
+        config = load_config(base_config_path(scale), {**run["overrides"], "name": run["name"],
+                                                      "logging.run_dir": str(run_dir)})
+        train(config)
+        trained.append(run["name"])
+    return trained
+
+
+def submit_slurm(runs: list[dict[str, Any]], scale: str, out: Path, sbatch_args: str = "") -> str:
+    """One array task per unfinished run, through slurm/ablate.sbatch; returns the job id."""
+    todo = [r for r in runs if not is_complete(out / "runs" / r["name"])]
+    if not todo:
+        return ""
+    out.mkdir(parents=True, exist_ok=True)
+    variants = out / "variants.txt"
+    lines = []
+    for run in todo:
+        flags = [f"--{k}={v}" for k, v in run["overrides"].items()] + [f"--logging.run_dir={out / 'runs' / run['name']}"]
+        lines.append(f"{run['name']} {' '.join(flags)}")
+    variants.write_text("\n".join(lines) + "\n")
+    repo = CONFIG_DIR.parent.parent
+    env = {"TLM_VARIANTS": str(variants), "TLM_CONFIG": str(base_config_path(scale)), "TLM_HOME": str(repo)}
+    import os
+
+    command = ["sbatch", "--parsable", f"--array=0-{len(todo) - 1}", *sbatch_args.split(), str(repo / "slurm" / "ablate.sbatch")]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, cwd=out)
+    if result.returncode != 0:
+        raise ConfigError(f"sbatch failed: {result.stderr.strip()}")
+    return result.stdout.strip().split(";")[0]
