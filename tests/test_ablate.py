@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from data_pipeline.prepare import PrepareConfig, prepare
-from tlm.ablate import plan, slug, studies
-from tlm.ablate_report import _curve, load_run, verdict, write_report
+from tlm.ablate import plan, run_local, slug, studies
+from tlm.ablate_report import _curve, load_run, verdict
 from tlm.cli import main
 from tlm.train_config import load_config
 
@@ -44,6 +44,18 @@ def test_shared_settings_are_trained_once() -> None:
     assert len(names) == 2 * (5 + 3 + 1)
     assert "base-seed0" in names and "lr=0.0006-seed1" in names and slug({"model.norm": "none"}) == "norm=none"
     assert all(r["overrides"]["train.seed"] in (0, 1) for r in runs)
+
+
+def test_a_run_claimed_by_another_process_is_skipped(tmp_path: Path) -> None:
+    import fcntl
+
+    run = plan(["norm"], "cpu", seeds=1)[0]
+    run_dir = tmp_path / "runs" / run["name"]
+    run_dir.mkdir(parents=True)
+    with open(run_dir / ".lock", "w") as lock:  # as another `tlm ablate` on the same folder would hold it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert run_local([run], "cpu", tmp_path) == []
+    assert not (run_dir / "summary.json").exists()
 
 
 def test_micro_scale_run_then_report_reads_the_metrics(tmp_path: Path, prepared: Path,

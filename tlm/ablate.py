@@ -136,7 +136,14 @@ def is_complete(run_dir: Path) -> bool:
 
 
 def run_local(runs: list[dict[str, Any]], scale: str, out: Path) -> list[str]:
-    """Train each run in this process, one after another; skip the finished ones. Returns those trained."""
+    """Train each run in this process, one after another; skip the finished ones. Returns those trained.
+
+    Each run is claimed with an advisory lock on OUT/runs/NAME/.lock, so several `tlm ablate` processes
+    started on the same OUT share the work (one per core, say); the lock dies with its process, so a crash
+    never leaves a run claimed.
+    """
+    import fcntl
+
     from tlm.train import train
 
     trained = []
@@ -145,10 +152,19 @@ def run_local(runs: list[dict[str, Any]], scale: str, out: Path) -> list[str]:
         if is_complete(run_dir):
             log.info("[%d/%d] %s: already done", i, len(runs), run["name"])
             continue
-        log.info("[%d/%d] %s: training (%s)", i, len(runs), run["name"], run["overrides"] or "base recipe")
-        config = load_config(base_config_path(scale), {**run["overrides"], "name": run["name"],
-                                                      "logging.run_dir": str(run_dir)})
-        train(config)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / ".lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("[%d/%d] %s: another process is training it", i, len(runs), run["name"])
+                continue
+            if is_complete(run_dir):  # finished while we waited for the lock
+                continue
+            log.info("[%d/%d] %s: training (%s)", i, len(runs), run["name"], run["overrides"] or "base recipe")
+            config = load_config(base_config_path(scale), {**run["overrides"], "name": run["name"],
+                                                          "logging.run_dir": str(run_dir)})
+            train(config)
         trained.append(run["name"])
     return trained
 
