@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from tlm.errors import ConfigError
@@ -51,12 +50,6 @@ class DistInfo:
         return self.rank == 0
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
-    """Sum of the cross-entropy of every counted target token (in fp32)."""
-    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
-    if loss_mask is not None:
-        losses = losses * loss_mask.flatten().to(losses.dtype)
-    return losses.sum()
 
 
 class Backend:
@@ -69,6 +62,8 @@ class Backend:
         self.info = info
         self.accumulation = accumulation
         self.bf16 = config.train.precision == "bf16"
+        fused = config.train.fused_adamw
+        self.fused = (info.device.type == "cuda") if fused is None else fused
 
     def autocast(self):
         if not self.bf16:
@@ -79,12 +74,18 @@ class Backend:
         """Where gradients are not synchronised across ranks until the last micro-batch of a step."""
         return contextlib.nullcontext()
 
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """fp32 sum of the target tokens' cross-entropy, computed inside the model's forward (so that
+        ZeRO-3 / FSDP2 gather the output projection) with the configured loss chunking."""
+        with self.autocast():
+            return self.model(batch["input_ids"], labels=batch["labels"], loss_mask=batch.get("loss_mask"),
+                              loss_chunk=self.config.train.loss_chunk)
+
     def micro_step(self, batch: dict[str, torch.Tensor], loss_scale: float, last: bool) -> torch.Tensor:
         """Forward, loss x loss_scale, backward; returns the detached unscaled loss sum."""
         batch = self._to_device(batch)
         with self.accumulation_context(last):
-            logits = self.forward(batch["input_ids"])
-            loss = token_loss_sum(logits, batch["labels"], batch.get("loss_mask"))
+            loss = self.loss_sum(batch)
             (loss * loss_scale).backward()
         return loss.detach()
 
@@ -101,10 +102,6 @@ class Backend:
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            return self.model(input_ids)
 
     def train_mode(self, training: bool) -> None:
         self.module.train(training)
@@ -131,11 +128,11 @@ class PlainBackend(Backend):
     def __init__(self, model: TransformerLM, config: TrainConfig, info: DistInfo, accumulation: int) -> None:
         super().__init__(model, config, info, accumulation)
         self.module = model.to(info.device)
-        self.model = self.module
+        self.model = torch.compile(self.module) if config.train.compile else self.module
         if info.world_size > 1:
             ids = [info.device.index] if info.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
-        self.optimizer = adamw(param_groups(self.module, config.optim), config.optim)
+            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizer = adamw(param_groups(self.module, config.optim), config.optim, fused=self.fused)
 
     def accumulation_context(self, last):
         return contextlib.nullcontext() if last or self.info.world_size == 1 else self.model.no_sync()
@@ -200,21 +197,23 @@ class DeepSpeedBackend(Backend):
         ds_config = deepspeed_config(config, info, accumulation, load_universal)
         deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the process group already started
         model = model.to(info.device)
-        optimizer = adamw(param_groups(model, config.optim), config.optim)
+        optimizer = adamw(param_groups(model, config.optim), config.optim, fused=self.fused)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.module = self.engine.module
+        if config.train.compile:
+            self.engine.compile()
         self.stage = config.train.zero_stage
-
-    def forward(self, input_ids):
-        return self.engine(input_ids)
 
     def train_mode(self, training):
         self.engine.train(training)
 
+    def loss_sum(self, batch):
+        return self.engine(batch["input_ids"], labels=batch["labels"], loss_mask=batch.get("loss_mask"),
+                           loss_chunk=self.config.train.loss_chunk)
+
     def micro_step(self, batch, loss_scale, last):
         batch = self._to_device(batch)
-        logits = self.engine(batch["input_ids"])
-        loss = token_loss_sum(logits, batch["labels"], batch.get("loss_mask"))
+        loss = self.loss_sum(batch)
         # The loss is already normalised over the whole step, so DeepSpeed must not divide it again.
         self.engine.backward(loss * loss_scale, scale_wrt_gas=False)
         self.engine.step()
@@ -276,10 +275,12 @@ class FSDP2Backend(Backend):
         model = model.to(info.device)
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 else MixedPrecisionPolicy()
         for layer in model.layers:
+            if config.train.compile:
+                layer.compile()  # per block, before sharding (torchtitan's order)
             fully_shard(layer, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
         self.module = self.model = model
-        self.optimizer = adamw(param_groups(model, config.optim), config.optim)
+        self.optimizer = adamw(param_groups(model, config.optim), config.optim, fused=self.fused)
 
     def autocast(self):
         return contextlib.nullcontext()  # the mixed-precision policy casts

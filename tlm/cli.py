@@ -401,7 +401,8 @@ class CLI:
         """Run an ablation study (each variant x seeds), then write its plots and report.
 
         Studies: lr, batch, norm, norm_position, position, mlp, kv_heads, yarn, or all; `report` only
-        regenerates the report from the runs' metrics files. Finished runs are not trained again.
+        regenerates the report from the runs' metrics files. Finished runs are not trained again;
+        several processes started on the same --out share the runs (each is claimed with a file lock).
 
         Args:
             study: lr | batch | norm | norm_position | position | mlp | kv_heads | yarn | all | report.
@@ -433,6 +434,56 @@ class CLI:
         path = write_report(out_dir / "runs", report_dir, scale, seeds, names)
         log.info("report: %s", path)
         emit({"report": str(path), "studies": names, "trained": trained})
+
+    def bench(
+        self,
+        preset: str = "tlm-26m",
+        backend: str = "single",
+        batch: int = 32,
+        seq_len: int = 512,
+        precision: str = "auto",
+        steps: int = 10,
+        warmup: int = 3,
+        compile: bool = False,
+        fused_adamw: bool | None = None,
+        loss_chunk: int = 0,
+        zero_stage: int = 1,
+        matrix: bool = False,
+        out: str | None = None,
+    ) -> None:
+        """Training speed on synthetic tokens: tokens/s, step time, MFU and peak memory (a table; JSON last).
+
+        MFU is given against the device's datasheet peak (989 TFLOP/s dense bf16 for H100/H200) and against
+        the matmul rate measured on the same device in the same run (docs/training.md has the FLOPs formula).
+
+        Args:
+            preset: model preset.
+            backend: single | deepspeed | fsdp2 (one process).
+            batch: sequences per step.
+            seq_len: tokens per sequence.
+            precision: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32.
+            steps: timed steps (after warmup).
+            warmup: untimed steps first (compilation happens there).
+            compile: torch.compile the model.
+            fused_adamw: torch's fused AdamW (default: on CUDA).
+            loss_chunk: chunked cross-entropy, tokens per chunk (0 = off).
+            zero_stage: DeepSpeed ZeRO stage with --backend deepspeed.
+            matrix: run the whole matrix instead (eager, compiled, compiled + chunked loss, ZeRO-1, ZeRO-2,
+                FSDP2) with the same preset, batch and precision.
+            out: also write the JSON to this file.
+        """
+        from tlm.bench import MATRIX, bench, dump, print_table
+
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_available() else "fp32"
+        base = {"model.preset": preset, "batch.micro_batch_size": batch, "data.seq_len": seq_len,
+                "train.precision": precision, "logging.wandb": "disabled"}
+        single = {"train.backend": backend, "train.compile": compile, "train.fused_adamw": fused_adamw,
+                  "train.loss_chunk": loss_chunk, "train.zero_stage": zero_stage}
+        result = bench(MATRIX if matrix else {backend: single}, base, steps, warmup)
+        print_table(result)
+        dump(result, out)
+        emit(result)
 
     def eval(
         self,

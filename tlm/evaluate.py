@@ -22,10 +22,10 @@ class ModelRunner:
     def __init__(self, model: TransformerLM, device: torch.device) -> None:
         self.model, self.device = model, device
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         with ctx:
-            return self.model(input_ids)
+            return self.model(batch["input_ids"], labels=batch["labels"], loss_mask=batch.get("loss_mask"))
 
     def train_mode(self, training: bool) -> None:
         self.model.train(training)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tlm.config import ModelConfig
+from tlm.loss import cross_entropy_sum
 from tlm.rope import RotaryEmbedding, apply_rotary_pos_emb
 
 
@@ -203,8 +204,13 @@ class TransformerLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         kv_cache: KVCacheLike | None = None,
         logits_to_keep: int = 0,
+        labels: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+        loss_chunk: int = 0,
     ) -> torch.Tensor:
-        """Logits of shape (batch, seq, vocab) (only the last `logits_to_keep` positions when > 0).
+        """Logits of shape (batch, seq, vocab) (only the last `logits_to_keep` positions when > 0); or, given
+        `labels`, the fp32 sum of the cross-entropy of every counted target token (see tlm.loss; with
+        `loss_chunk` > 0 the logits are never materialised for the whole batch).
 
         attention_mask: optional boolean (batch or 1, 1, seq, keys), True where a query may attend.
         Without one, attention is causal; with a KV cache the causal mask is offset by `kv_cache.pos`.
@@ -231,6 +237,8 @@ class TransformerLM(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(seq)
         hidden_states = self.norm(hidden_states)
+        if labels is not None:
+            return cross_entropy_sum(self.lm_head, hidden_states, labels, loss_mask, loss_chunk)
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
         return self.lm_head(hidden_states)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import tlm
 from data_pipeline.dataset import TokenRows, check_compatible
 from data_pipeline.stream import TokenStream, make_batch
-from tlm.backends import Backend, DistInfo, convert_to_universal, init_distributed, make_backend, token_loss_sum
+from tlm.backends import Backend, DistInfo, convert_to_universal, init_distributed, make_backend
 from tlm.checkpoint import save_model_dir
 from tlm.errors import CheckpointError, ConfigError
 from tlm.fileio import atomic_write_json
@@ -75,9 +75,8 @@ def evaluate(backend: Backend, rows: TokenRows, batch_size: int, max_batches: in
         weight = 1.0 if len(indices) else 0.0
         batch = make_batch(rows, indices if len(indices) else np.zeros(1, dtype=np.int64))
         batch = {k: v.to(info.device) for k, v in batch.items()}
-        logits = backend.forward(batch["input_ids"])
         mask = batch.get("loss_mask")
-        sums[0] += weight * token_loss_sum(logits, batch["labels"], mask).double()
+        sums[0] += weight * backend.loss_sum(batch).double()
         sums[1] += weight * (mask.sum() if mask is not None else batch["labels"].numel())
     backend.train_mode(True)
     _all_reduce(sums)
@@ -265,8 +264,11 @@ class Trainer:
         lr = lr_at(self.step, self.total_steps, self.config.optim.lr, self.config.schedule)
         self.backend.set_lr(lr)
         batches = [next(self.stream) for _ in range(self.accumulation)]
-        if self.packed:
-            tokens = torch.tensor(float(self.global_batch * self.seq_len), dtype=torch.float64, device=info.device)
+        if self.packed:  # every target counts: a constant, made once (no host-to-device copy per step)
+            if not hasattr(self, "_packed_tokens"):
+                self._packed_tokens = torch.tensor(float(self.global_batch * self.seq_len), dtype=torch.float64,
+                                                   device=info.device)
+            tokens = self._packed_tokens
             scale = info.world_size / (self.global_batch * self.seq_len)
         else:
             tokens = _all_reduce(torch.tensor(float(sum(b["loss_mask"].sum() for b in batches)), dtype=torch.float64,

@@ -92,6 +92,12 @@ class TrainSection:
     seed: int = 0
     device: str = "auto"
     compile: bool = False
+    """torch.compile the model (each decoder layer under FSDP2)."""
+    fused_adamw: bool | None = None
+    """torch's fused AdamW kernel; None = on CUDA only."""
+    loss_chunk: int = 0
+    """Compute the output projection + cross-entropy this many tokens at a time under checkpointing, so that
+    the logits of the whole batch are never held (0 = all at once)."""
 
 
 @dataclass
