@@ -21,6 +21,7 @@ import json
 import lzma
 import os
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,13 +154,57 @@ def open_binary(source: Source) -> IO[bytes]:
     if source.compression == "bz2":
         return bz2.open(source.path, "rb")
     if source.compression == "zstd":
-        import zstandard
-
-        return zstandard.ZstdDecompressor().stream_reader(open(source.path, "rb"), closefd=True)
+        return _ZstdReader(source.path)
     return open(source.path, "rb")
 
 
-_DECOMPRESSION_ERRORS: tuple[type[BaseException], ...] = (EOFError, lzma.LZMAError, gzip.BadGzipFile, OSError)
+class _ZstdReader(io.RawIOBase):
+    """zstd frames, one after another, as a stream that raises EOFError when the file ends inside a frame
+    (zstandard's own stream reader returns a truncated file's data, or nothing, without a word)."""
+
+    def __init__(self, path: str, chunk: int = 1 << 20) -> None:
+        import zstandard
+
+        self._zstd = zstandard
+        self._file = open(path, "rb")
+        self._chunk = chunk
+        self._dobj = zstandard.ZstdDecompressor().decompressobj()
+        self._buffer, self._offset = b"", 0
+        self._in_frame = False  # input consumed since the last complete frame
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target) -> int:
+        while self._offset >= len(self._buffer) and not self._done:
+            data = self._file.read(self._chunk)
+            if not data:
+                if self._in_frame:
+                    raise EOFError("the zstd stream ends inside a frame: the file is truncated")
+                self._done = True
+                break
+            self._buffer, self._offset = b"", 0
+            while data:
+                self._in_frame = True
+                self._buffer += self._dobj.decompress(data)
+                data = b""
+                if self._dobj.eof:  # a frame ended: what follows is the next frame
+                    data = self._dobj.unused_data
+                    self._dobj = self._zstd.ZstdDecompressor().decompressobj()
+                    self._in_frame = False
+        n = min(len(target), len(self._buffer) - self._offset)
+        target[:n] = self._buffer[self._offset:self._offset + n]
+        self._offset += n
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+_DECOMPRESSION_ERRORS: tuple[type[BaseException], ...] = (EOFError, lzma.LZMAError, gzip.BadGzipFile, OSError,
+                                                          zlib.error)
 
 
 def _lines(source: Source) -> Iterator[tuple[int, bytes]]:
@@ -408,26 +453,28 @@ def _reason(error: DataError, default: str = "other") -> str:
 
 
 _SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
+_SAFE_SPACE_CUT = re.compile(r"(?<=\S)(?= \S)")
 
 
 def split_text(text: str, piece_chars: int = PIECE_CHARS) -> list[str]:
-    """Cut `text` into pieces of about `piece_chars` characters whose separate tokenization equals the
-    tokenization of the whole.
+    """Cut `text` into pieces of at most about 1.25 x `piece_chars` characters whose separate tokenization
+    equals the tokenization of the whole.
 
-    A byte-level BPE never merges across pre-tokens, and the GPT-2 pre-tokenizer always ends a
-    pre-token at a newline that has non-space characters on both sides ('x\\ny'). Cuts go right after
-    such a newline, so piece-wise token ids are exactly the whole text's. A text with no such newline
-    near the cut is cut at the next one of any kind (a whitespace run may then tokenize differently).
+    A byte-level BPE never merges across pre-tokens. The GPT-2 pre-tokenizer always ends a pre-token at a
+    newline that has non-space characters on both sides ('x\ny'), and before a single space between two
+    non-space characters ('x y': ' y' starts the next one). Cuts go right after such a newline, else right
+    before such a space, so piece-wise token ids are exactly the whole text's. Only a stretch of
+    `piece_chars` characters with neither (no whitespace at all: binary noise, a minified blob) is cut
+    blindly, where one token may differ; memory stays bounded whatever the input.
     """
     if len(text) <= piece_chars:
         return [text]
     pieces, start = [], 0
     while len(text) - start > piece_chars:
         window_end = start + piece_chars
-        match = _SAFE_CUT.search(text, window_end - piece_chars // 4, window_end + piece_chars // 4)
-        cut = match.start() if match else text.find("\n", window_end)
-        if cut <= start or cut < 0:
-            break
+        lo, hi = window_end - piece_chars // 4, window_end + piece_chars // 4
+        match = _SAFE_CUT.search(text, lo, hi) or _SAFE_SPACE_CUT.search(text, lo, hi)
+        cut = match.start() if match else window_end
         pieces.append(text[start:cut])
         start = cut
     pieces.append(text[start:])
