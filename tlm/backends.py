@@ -64,6 +64,11 @@ class Backend:
         self.bf16 = config.train.precision == "bf16"
         fused = config.train.fused_adamw
         self.fused = (info.device.type == "cuda") if fused is None else fused
+        self.check_finite = config.train.nan_policy != "off"
+        self.skipped = False
+        """Whether the last optimizer step was skipped for non-finite gradients."""
+        self.nonfinite: list[str] = []
+        """Parameters whose gradients were not finite at the last skipped step (where this rank can tell)."""
 
     def autocast(self):
         if not self.bf16:
@@ -90,11 +95,21 @@ class Backend:
         return loss.detach()
 
     def optimizer_step(self) -> torch.Tensor | None:
-        """Clip, step, zero the gradients; returns the gradient norm before clipping."""
-        norm = None
-        if self.config.optim.grad_clip > 0:
-            norm = nn.utils.clip_grad_norm_(self.module.parameters(), self.config.optim.grad_clip)
+        """Clip, step, zero the gradients; returns the gradient norm before clipping.
+
+        With a NaN policy, non-finite gradients (the norm is global: every rank decides alike) skip the
+        update and set `skipped`; reading the norm back is the one host sync of the step.
+        """
+        norm, clip = None, self.config.optim.grad_clip
+        self.skipped, self.nonfinite = False, []
+        if clip > 0 or self.check_finite:
+            norm = nn.utils.clip_grad_norm_(self.module.parameters(), clip if clip > 0 else float("inf"))
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
+            if self.check_finite and not torch.isfinite(norm):
+                self.skipped = True
+                self.nonfinite = nonfinite_grads(self.module)
+                self.optimizer.zero_grad(set_to_none=True)
+                return norm
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
@@ -118,6 +133,17 @@ class Backend:
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.info.device, non_blocking=True) for k, v in batch.items()}
+
+
+def nonfinite_grads(module: nn.Module) -> list[str]:
+    """Names of the parameters with a NaN or Inf in this rank's part of their gradient."""
+    names = []
+    for name, param in module.named_parameters():
+        grad = param.grad
+        grad = getattr(grad, "_local_tensor", grad)  # FSDP2: this rank's shard
+        if grad is not None and not torch.isfinite(grad).all():
+            names.append(name)
+    return names
 
 
 class PlainBackend(Backend):
@@ -197,7 +223,10 @@ class DeepSpeedBackend(Backend):
         ds_config = deepspeed_config(config, info, accumulation, load_universal)
         deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the process group already started
         model = model.to(info.device)
-        optimizer = adamw(param_groups(model, config.optim), config.optim, fused=self.fused)
+        # ZeRO 1-3 skip a step with non-finite gradients themselves; ZeRO-0 steps the torch optimizer
+        # directly, so it gets one that skips (and says so through `overflow`, as DeepSpeed's own do).
+        guarded = self.check_finite and config.train.zero_stage == 0
+        optimizer = adamw(param_groups(model, config.optim), config.optim, fused=self.fused, skip_nonfinite=guarded)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.module = self.engine.module
         if config.train.compile:
@@ -221,7 +250,11 @@ class DeepSpeedBackend(Backend):
 
     def optimizer_step(self):
         norm = self.engine.get_global_grad_norm()
-        return None if norm is None else torch.as_tensor(float(norm))
+        norm = None if norm is None else torch.as_tensor(float(norm))
+        applied = getattr(self.engine, "_step_applied", True)
+        self.skipped = self.check_finite and (not applied or (norm is not None and not torch.isfinite(norm)))
+        self.nonfinite = []
+        return norm
 
     def save(self, path):
         self.engine.save_checkpoint(str(path), tag=DS_TAG)

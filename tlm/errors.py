@@ -15,3 +15,7 @@ class CheckpointError(TLMError):
 
 class ExportError(TLMError):
     """The model cannot be written in the requested foreign format."""
+
+
+class TrainingError(TLMError):
+    """Training cannot go on (non-finite gradients under the stop policy): the message says what was kept."""

@@ -25,8 +25,29 @@ def param_groups(model: nn.Module, optim: OptimSection) -> list[dict]:
     return [{"params": decay, "weight_decay": optim.weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
-def adamw(groups: list[dict], optim: OptimSection, fused: bool | None = None) -> torch.optim.AdamW:
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused)
+class SkippingAdamW(torch.optim.AdamW):
+    """AdamW that makes no update when a gradient is not finite; `overflow` says whether it skipped (the
+    attribute DeepSpeed's engine reads to count skipped steps) and `_global_grad_norm` holds the norm."""
+
+    overflow = False
+    _global_grad_norm = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+        self._global_grad_norm = float(norm)
+        self.overflow = not torch.isfinite(norm).item()
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+def adamw(groups: list[dict], optim: OptimSection, fused: bool | None = None,
+          skip_nonfinite: bool = False) -> torch.optim.AdamW:
+    """torch's AdamW with the configured betas and eps (SkippingAdamW when asked to skip non-finite steps)."""
+    kind = SkippingAdamW if skip_nonfinite else torch.optim.AdamW
+    return kind(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused)
 
 
 def lr_at(step: int, total_steps: int, lr: float, schedule: ScheduleSection) -> float:

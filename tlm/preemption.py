@@ -4,6 +4,11 @@ Every rank installs the handlers; after each optimizer step the ranks agree (an 
 on a gloo group so that no GPU stream is synchronised) whether any of them was asked to stop, so they all
 checkpoint at the same step. A stop file (the path in $TLM_STOP_FILE) serves launchers that do not pass
 signals on to their workers (torchrun, the deepspeed launcher): the job script creates it.
+
+From the request on, a grace period runs (train.stop_grace_s): a rank still alive when it ends logs why and
+exits with status 143 (as SIGTERM would), so that a hung collective or a slow disk cannot carry the job
+into the scheduler's SIGKILL unannounced. A checkpoint cut short by that exit has no COMPLETE marker and
+is never loaded; the previous one is intact.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 class StopRequest:
     """Catches stop signals while installed (`install()` ... `uninstall()`, or as a context manager)."""
 
-    def __init__(self) -> None:
+    def __init__(self, grace_s: float | None = None) -> None:
         self.reason: str | None = None
+        self.grace_s = grace_s
+        self._timer: threading.Timer | None = None
         self._previous: dict[int, object] = {}
         self._group = None
         stop_file = os.environ.get("TLM_STOP_FILE")
@@ -40,6 +47,8 @@ class StopRequest:
         return self
 
     def uninstall(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
@@ -52,17 +61,31 @@ class StopRequest:
 
     def _handle(self, signum: int, frame) -> None:
         if self.reason is None:
-            self.reason = signal.Signals(signum).name
+            self._request(signal.Signals(signum).name)
             log.warning("%s received: finishing this step, then checkpointing and stopping", self.reason)
+
+    def _request(self, reason: str) -> None:
+        self.reason = reason
+        if self.grace_s and self._timer is None:
+            self._timer = threading.Timer(self.grace_s, self._expire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _expire(self) -> None:
+        log.error("still running %.0f s after the stop request (%s): exiting now without a new checkpoint; the "
+                  "previous complete checkpoint is intact (train.stop_grace_s)", self.grace_s, self.reason)
+        for handler in logging.getLogger("tlm").handlers + logging.getLogger().handlers:
+            handler.flush()
+        os._exit(143)
 
     def agreed(self) -> str | None:
         """The reason to stop if any rank was asked to (a collective: every rank calls it every step)."""
         if self.reason is None and self.stop_file is not None and self.stop_file.exists():
-            self.reason = f"stop file {self.stop_file}"
+            self._request(f"stop file {self.stop_file}")
         if self._group is None:
             return self.reason
         flag = torch.tensor([1 if self.reason else 0], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         if flag.item() and self.reason is None:
-            self.reason = "another rank was asked to stop"
+            self._request("another rank was asked to stop")
         return self.reason

@@ -20,11 +20,12 @@ import torch
 import torch.distributed as dist
 
 import tlm
+from tlm import faults
 from data_pipeline.dataset import TokenRows, check_compatible
 from data_pipeline.stream import TokenStream, make_batch
 from tlm.backends import Backend, DistInfo, convert_to_universal, init_distributed, make_backend
 from tlm.checkpoint import save_model_dir
-from tlm.errors import CheckpointError, ConfigError
+from tlm.errors import CheckpointError, ConfigError, TrainingError
 from tlm.fileio import atomic_write_json
 from tlm.metrics import MetricsFile, WandbLogger, flops_per_token, peak_flops, progress_bar
 from tlm.model import TransformerLM
@@ -96,36 +97,51 @@ def _model_config(config: TrainConfig, tokenizer_dir: Path | None):
 
 def save_checkpoint(run_dir: Path, step: int, backend: Backend, stream: TokenStream, config: TrainConfig,
                     model_config, tokenizer_dir: Path | None, info: DistInfo, extra: dict[str, Any]) -> Path:
-    """Write a complete checkpoint on every rank; it becomes visible (COMPLETE, latest) only at the end."""
+    """Write a complete checkpoint on every rank; it becomes visible (COMPLETE, latest) only at the end.
+
+    A write that fails (a full disk, a quota, an I/O error) removes what it wrote and raises a
+    CheckpointError that names the failure; the previous checkpoint is untouched.
+    """
     path = checkpoint_dir(run_dir, step)
+    try:
+        if info.is_main:
+            if path.exists():  # a leftover of a run killed while saving this very step
+                shutil.rmtree(path)
+            (path / "backend").mkdir(parents=True)
+        _barrier()
+        backend.save(path / "backend")
+        save_rng(path, info.rank)
+        state = backend.full_state_dict(path / "backend")
+        if faults.hit(faults.active(), "kill_in_save", step, info.rank):
+            faults.kill_self(f"while writing the checkpoint of step {step}")
+        if info.is_main:
+            with torch.device("meta"):
+                model = TransformerLM(model_config)
+            model.load_state_dict(state, assign=True, strict=False)
+            if model_config.tie_word_embeddings:
+                model.lm_head.weight = model.embed_tokens.weight
+            save_model_dir(model, path / "model", tokenizer_dir=tokenizer_dir, extra={"trained_steps": step})
+            write_trainer_state(path, {
+                "step": step,
+                "world_size": info.world_size,
+                "backend": config.train.backend,
+                "zero_stage": config.train.zero_stage,
+                "stream": stream.state_dict(),
+                "config": config.to_dict(),
+                "tlm_version": tlm.__version__,
+                **extra,
+            })
+        _barrier()
+        if info.is_main:
+            mark_complete(run_dir, path)
+    except OSError as e:
+        if info.is_main:
+            shutil.rmtree(path, ignore_errors=True)  # free the space a full disk needs back
+        previous = find_resume(run_dir, "auto") if info.is_main else None
+        kept = f"the previous checkpoint {previous} is intact" if previous else "there is no previous checkpoint"
+        raise CheckpointError(f"could not write the checkpoint of step {step} in {path}: {e.strerror or e} "
+                              f"({type(e).__name__}, errno {e.errno}); {kept}") from e
     if info.is_main:
-        if path.exists():  # a leftover of a run killed while saving this very step
-            shutil.rmtree(path)
-        (path / "backend").mkdir(parents=True)
-    _barrier()
-    backend.save(path / "backend")
-    save_rng(path, info.rank)
-    state = backend.full_state_dict(path / "backend")
-    if info.is_main:
-        with torch.device("meta"):
-            model = TransformerLM(model_config)
-        model.load_state_dict(state, assign=True, strict=False)
-        if model_config.tie_word_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
-        save_model_dir(model, path / "model", tokenizer_dir=tokenizer_dir, extra={"trained_steps": step})
-        write_trainer_state(path, {
-            "step": step,
-            "world_size": info.world_size,
-            "backend": config.train.backend,
-            "zero_stage": config.train.zero_stage,
-            "stream": stream.state_dict(),
-            "config": config.to_dict(),
-            "tlm_version": tlm.__version__,
-            **extra,
-        })
-    _barrier()
-    if info.is_main:
-        mark_complete(run_dir, path)
         prune(run_dir, config.checkpoint.keep_last)
     _barrier()
     return path
@@ -202,10 +218,13 @@ class Trainer:
         self.stream = TokenStream(self.rows, self.micro, info.rank, info.world_size, seed=config.train.seed,
                                   prefetch=config.data.prefetch, pin_memory=info.device.type == "cuda")
         self.step, self.tokens_seen, self.last_saved = 0, 0, -1
+        self.skipped_steps, self.consecutive_skips = 0, 0
+        self.faults = faults.active()
         if state is not None:
             self.backend.load(self.resume / "backend", state["world_size"])
             self.stream.load_state_dict(state["stream"])
             self.step, self.tokens_seen, self.last_saved = state["step"], state.get("tokens_seen", 0), state["step"]
+            self.skipped_steps = state.get("skipped_steps", 0)
             if not load_rng(self.resume, info.rank):
                 torch.manual_seed(config.train.seed + self.step)
             log.info("resumed from %s at step %d (%d samples consumed)", self.resume, self.step,
@@ -254,7 +273,8 @@ class Trainer:
     def checkpoint(self) -> Path:
         path = save_checkpoint(self.run_dir, self.step, self.backend, self.stream, self.config, self.model_config,
                                self.tokenizer_dir, self.info,
-                               {"tokens_seen": self.tokens_seen, "total_steps": self.total_steps, **self.last_eval})
+                               {"tokens_seen": self.tokens_seen, "total_steps": self.total_steps,
+                                "skipped_steps": self.skipped_steps, **self.last_eval})
         self.last_saved = self.step
         return path
 
@@ -263,6 +283,8 @@ class Trainer:
         info = self.info
         lr = lr_at(self.step, self.total_steps, self.config.optim.lr, self.config.schedule)
         self.backend.set_lr(lr)
+        if faults.hit(self.faults, "kill", self.step + 1, info.rank):
+            faults.kill_self(f"as step {self.step + 1} begins")
         batches = [next(self.stream) for _ in range(self.accumulation)]
         if self.packed:  # every target counts: a constant, made once (no host-to-device copy per step)
             if not hasattr(self, "_packed_tokens"):
@@ -274,6 +296,8 @@ class Trainer:
             tokens = _all_reduce(torch.tensor(float(sum(b["loss_mask"].sum() for b in batches)), dtype=torch.float64,
                                               device=info.device))
             scale = info.world_size / tokens.item()
+        if faults.hit(self.faults, "nan", self.step + 1, info.rank):
+            scale = float("nan")  # the gradients of this step (not the loss) become NaN
         loss = torch.zeros((), dtype=torch.float64, device=info.device)
         for i, batch in enumerate(batches):
             loss += self.backend.micro_step(batch, scale, last=i == self.accumulation - 1).double()
@@ -281,7 +305,37 @@ class Trainer:
         self.step += 1
         self.tokens_seen += self.global_batch * self.seq_len
         self.bar.update(1)
+        if self.backend.skipped:
+            self._non_finite(loss, tokens, lr, grad_norm)
+        else:
+            self.consecutive_skips = 0
         return loss, tokens, lr, grad_norm
+
+    def _non_finite(self, loss: torch.Tensor, tokens: torch.Tensor, lr: float, grad_norm: torch.Tensor | None) -> None:
+        """A step whose gradients were not finite (its update was not applied): count it, or stop."""
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        policy, limit = self.config.train.nan_policy, self.config.train.max_skipped_steps
+        norm = None if grad_norm is None else float(grad_norm)
+        if self.info.is_main:
+            log.warning("step %d: non-finite gradients (norm %s): the update was skipped (%d skipped so far)",
+                        self.step, norm, self.skipped_steps)
+        self.record({"step": self.step, "skipped_step": True, "skipped_steps": self.skipped_steps, "grad_norm": norm})
+        if policy == "skip" and self.consecutive_skips <= limit:
+            return
+        why = "train.nan_policy is stop" if policy == "stop" else f"{self.consecutive_skips} steps in a row were skipped"
+        last = find_resume(self.run_dir, "auto")
+        dump = self.run_dir / f"nonfinite-step-{self.step:08d}.json"
+        if self.info.is_main:
+            atomic_write_json(dump, {
+                "step": self.step, "why": why, "lr": lr, "grad_norm": norm,
+                "step_loss": float(loss / tokens * self.info.world_size), "skipped_steps": self.skipped_steps,
+                "parameters_with_nonfinite_grads": self.backend.nonfinite,
+                "data_position": {"consumed_samples": self.stream.consumed_samples, "epoch": self.stream.epoch},
+                "last_good_checkpoint": str(last) if last else None, "config": self.config.to_dict(),
+            })
+        raise TrainingError(f"non-finite gradients at step {self.step} ({why}): wrote {dump}; nothing was saved "
+                            f"from this state; the last good checkpoint is {last or 'none (no checkpoint yet)'}")
 
     def log_window(self, loss: torch.Tensor, tokens: torch.Tensor, steps: int, seconds: float, lr: float,
                    grad_norm: torch.Tensor | None) -> None:
@@ -289,7 +343,8 @@ class Trainer:
         tokens_per_s = steps * self.global_batch * self.seq_len / seconds
         values = {"step": self.step, "loss": (sums[0] / sums[1]).item(), "lr": lr,
                   "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_seen": self.tokens_seen,
-                  "tokens_per_s": tokens_per_s, "step_time": seconds / steps, "epoch": self.stream.epoch}
+                  "tokens_per_s": tokens_per_s, "step_time": seconds / steps, "epoch": self.stream.epoch,
+                  "skipped_steps": self.skipped_steps}
         if self.peak is not None:
             values["mfu"] = self.flops * tokens_per_s / self.info.world_size / self.peak
         self.record(values)
@@ -303,7 +358,7 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train to the end (or to train.stop_at, or until asked to stop), then evaluate and checkpoint."""
         info = self.info
-        stop = StopRequest().install()  # until the final checkpoint is written, a stop signal only sets a flag
+        stop = StopRequest(self.config.train.stop_grace_s).install()  # until the final checkpoint is written, a stop signal only sets a flag
         try:
             stopped = self._loop(stop)
             if self.state is not None and self.step == self.state["step"]:
@@ -361,6 +416,7 @@ class Trainer:
         summary: dict[str, Any] = {
             "run_dir": str(self.run_dir), "steps": self.step, "total_steps": self.total_steps,
             "complete": self.step == self.total_steps, "tokens_seen": self.tokens_seen, "world_size": info.world_size,
+            "skipped_steps": self.skipped_steps,
             "stopped": stopped, "backend": self.config.train.backend, "checkpoint": str(final_path),
             "model": str(final_path / "model"), "num_parameters": self.model.num_parameters(),
             "flops_per_token": self.flops, **self.last_eval,

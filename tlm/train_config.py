@@ -23,6 +23,7 @@ BACKENDS = ("single", "ddp", "deepspeed", "fsdp2")
 SCHEDULES = ("cosine", "constant", "wsd")
 PRECISIONS = ("bf16", "fp32")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+NAN_POLICIES = ("skip", "stop", "off")
 
 
 @dataclass
@@ -98,6 +99,14 @@ class TrainSection:
     loss_chunk: int = 0
     """Compute the output projection + cross-entropy this many tokens at a time under checkpointing, so that
     the logits of the whole batch are never held (0 = all at once)."""
+    nan_policy: str = "skip"
+    """Non-finite gradients (NaN/Inf): skip (no update, counted and reported), stop (a diagnostic dump, no
+    checkpoint of the bad state: the last good one is kept), or off (no check: saves one host sync a step)."""
+    max_skipped_steps: int = 20
+    """With nan_policy skip: stop as `stop` would after this many consecutive skipped steps."""
+    stop_grace_s: float = 110.0
+    """After SIGTERM / SIGUSR1 / the stop file: finish the step, checkpoint, exit; if that takes longer than
+    this, exit anyway (status 143) before the scheduler's SIGKILL (Slurm signals 120 s ahead)."""
 
 
 @dataclass
@@ -290,13 +299,15 @@ def validate(config: TrainConfig) -> None:
     t = config.train
     for key, value, choices in (("train.backend", t.backend, BACKENDS), ("train.precision", t.precision, PRECISIONS),
                                 ("schedule.kind", config.schedule.kind, SCHEDULES),
-                                ("logging.wandb", config.logging.wandb, WANDB_MODES)):
+                                ("logging.wandb", config.logging.wandb, WANDB_MODES),
+                                ("train.nan_policy", t.nan_policy, NAN_POLICIES)):
         if value not in choices:
             raise ConfigError(f"config key '{key}' must be one of {choices}, got {value!r}")
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"config key 'train.zero_stage' must be 0, 1, 2 or 3, got {t.zero_stage}")
     positive = {"batch.micro_batch_size": config.batch.micro_batch_size, "data.seq_len": config.data.seq_len,
-                "optim.lr": config.optim.lr, "train.epochs": t.epochs}
+                "optim.lr": config.optim.lr, "train.epochs": t.epochs,
+                "train.stop_grace_s": t.stop_grace_s, "train.max_skipped_steps": t.max_skipped_steps}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")

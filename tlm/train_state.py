@@ -5,11 +5,13 @@
         rng/rank-R.pt       every rank's RNG states (tensors and lists: weights_only loading)
         trainer.json        step, samples consumed, data stream state, world size, backend, full config
         model/              the consolidated model directory (tlm_config.json + model.safetensors + tokenizer)
-        COMPLETE            written last, after every rank has finished writing
+        COMPLETE            written last, after every rank has finished writing: the manifest (size and
+                            sha256 of every file, each fsynced while it is hashed)
     RUN/checkpoints/latest  the name of the newest complete checkpoint (moved after COMPLETE)
 
-A checkpoint without COMPLETE (killed while saving) is never loaded: `--resume auto` takes the newest
-complete one and says which incomplete ones it passed over.
+A checkpoint without COMPLETE (killed while saving) is never loaded, nor one whose files no longer match
+its manifest (truncated, tampered, lost): `--resume auto` takes the newest sound one and says which it
+passed over and why.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 
 from tlm.errors import CheckpointError
-from tlm.fileio import atomic_write_bytes, atomic_write_json
+from tlm.fileio import atomic_write_bytes, atomic_write_json, fsync_path, sha256_file
 
 log = logging.getLogger("tlm")
 COMPLETE = "COMPLETE"
@@ -82,10 +84,44 @@ def write_trainer_state(path: Path, state: dict[str, Any]) -> None:
     atomic_write_json(path / TRAINER, state)
 
 
+def manifest(path: Path) -> dict[str, list]:
+    """{relative path: [size, sha256]} of every file of a checkpoint, each fsynced on the way."""
+    files = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != COMPLETE):
+        fsync_path(file)
+        files[file.relative_to(path).as_posix()] = [file.stat().st_size, sha256_file(file)]
+    for folder in sorted({f.parent for f in path.rglob("*")} | {path}):
+        fsync_path(folder)  # the directory entries too, so that a crash cannot lose a renamed file
+    return files
+
+
 def mark_complete(run_dir: Path, path: Path) -> None:
-    """COMPLETE, then the `latest` pointer: the order that makes a checkpoint visible only when whole."""
-    atomic_write_bytes(path / COMPLETE, b"")
+    """The manifest as COMPLETE, then the `latest` pointer: the order that makes a checkpoint visible only
+    when whole (and checkable later)."""
+    atomic_write_json(path / COMPLETE, {"files": manifest(path)})
     atomic_write_bytes(run_dir / "checkpoints" / "latest", (path.name + "\n").encode())
+
+
+def verify(path: Path, hashes: bool = True) -> str | None:
+    """Why the checkpoint at `path` must not be loaded, or None when it is sound."""
+    if not is_complete(path):
+        return f"incomplete (no {COMPLETE} marker: interrupted while saving)"
+    try:
+        text = (path / COMPLETE).read_text()
+        files = json.loads(text)["files"] if text.strip() else None
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        return f"its {COMPLETE} manifest is unreadable"
+    if files is None:  # written by an older tlm, before manifests: nothing to check against
+        return None
+    for name, (size, digest) in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, its manifest says {size}"
+        if hashes and sha256_file(file) != digest:
+            return f"{name} does not match its sha256 in the manifest (corrupted or modified)"
+    return None
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
@@ -98,26 +134,39 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
 
 
 def find_resume(run_dir: Path, resume: str) -> Path | None:
-    """The checkpoint to resume from: None for 'none' or a fresh run, the newest complete for 'auto'."""
+    """The checkpoint to resume from: None for 'none' or a fresh run, the newest sound one for 'auto'.
+
+    Incomplete checkpoints (a kill while saving) are passed over with a warning, and so are corrupt ones;
+    but when every checkpoint of the run is corrupt the run stops with an error rather than start afresh
+    over hours of training.
+    """
     if resume == "none":
         return None
     if resume != "auto":
         path = Path(resume)
         if not path.is_dir():
             raise CheckpointError(f"checkpoint.resume: '{resume}' does not exist")
+        problem = verify(path)
+        if problem:
+            raise CheckpointError(f"checkpoint '{path}' cannot be loaded: {problem}")
         read_trainer_state(path)
         return path
     root = run_dir / "checkpoints"
     candidates = sorted(root.glob("step-*"), reverse=True) if root.is_dir() else []
-    skipped = []
+    passed = []
     for path in candidates:
-        if is_complete(path):
-            if skipped:
-                log.warning("skipping incomplete checkpoints (interrupted while saving): %s", ", ".join(p.name for p in skipped))
+        problem = verify(path)
+        if problem is None:
+            if passed:
+                log.warning("skipped checkpoints: %s; resuming from %s", "; ".join(passed), path.name)
             return path
-        skipped.append(path)
-    if skipped:
-        log.warning("no complete checkpoint in %s (incomplete: %s); starting afresh", root, ", ".join(p.name for p in skipped))
+        log.warning("checkpoint %s is not loadable: %s", path, problem)
+        passed.append(f"{path.name} ({problem})")
+    if any("incomplete" not in p for p in passed):
+        raise CheckpointError(f"no sound checkpoint in {root}: {'; '.join(passed)}. Nothing was loaded or deleted; "
+                              "restore the files, or start afresh with --checkpoint.resume=none")
+    if passed:
+        log.warning("no complete checkpoint in %s (%s); starting afresh", root, "; ".join(passed))
     return None
 
 
@@ -130,4 +179,5 @@ def prune(run_dir: Path, keep_last: int) -> None:
     oldest_kept = complete[-keep_last]
     for path in sorted(root.glob("step-*")):
         if path < oldest_kept:
+            (path / COMPLETE).unlink(missing_ok=True)  # first, so that a kill during the removal leaves it incomplete
             shutil.rmtree(path, ignore_errors=True)

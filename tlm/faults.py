@@ -1,0 +1,50 @@
+"""Fault injection for the reliability tests and scripts/fault_inject.py (off unless $TLM_FAULT is set).
+
+    TLM_FAULT="nan@3"                 the gradients of step 3 (1-based) are NaN on every rank
+    TLM_FAULT="nan@3:rank1"           ... on rank 1 only (its NaN reaches every rank through the all-reduce)
+    TLM_FAULT="kill_in_save@4:rank0"  SIGKILL rank 0 while it writes the checkpoint of step 4, after the
+                                      backend's state and before the COMPLETE marker
+    TLM_FAULT="kill@5"                SIGKILL every rank as step 5 begins
+
+Items are comma-separated. Nothing here runs in a normal run: `active()` is an empty dict without the
+variable, and each hook is one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+log = logging.getLogger("tlm")
+KINDS = ("nan", "kill", "kill_in_save")
+
+
+def active() -> dict[tuple[str, int], int | None]:
+    """{(kind, step): rank or None for every rank} from $TLM_FAULT."""
+    spec = os.environ.get("TLM_FAULT", "").strip()
+    faults: dict[tuple[str, int], int | None] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        try:
+            kind, _, where = item.partition("@")
+            step, _, rank = where.partition(":")
+            if kind not in KINDS:
+                raise ValueError(f"kind must be one of {KINDS}")
+            faults[(kind, int(step))] = int(rank.removeprefix("rank")) if rank else None
+        except ValueError as e:
+            raise ValueError(f"TLM_FAULT item '{item}': {e} (expected KIND@STEP or KIND@STEP:rankR)") from None
+    return faults
+
+
+def hit(faults: dict[tuple[str, int], int | None], kind: str, step: int, rank: int) -> bool:
+    """Whether fault `kind` is set for `step` on this rank."""
+    if (kind, step) not in faults:
+        return False
+    target = faults[(kind, step)]
+    return target is None or target == rank
+
+
+def kill_self(reason: str) -> None:
+    """SIGKILL this process (no handler, no cleanup, no flush): what the OOM killer or a node failure does."""
+    log.warning("fault injection: SIGKILL (%s)", reason)
+    os.kill(os.getpid(), signal.SIGKILL)
