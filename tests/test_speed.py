@@ -85,4 +85,6 @@ def test_the_step_loop_never_waits_for_the_gpu(tmp_path: Path, prepared: Path, m
             torch.cuda.set_sync_debug_mode("default")
 
     monkeypatch.setattr(Trainer, "train_step", strict)
-    assert len(losses(prepared, tmp_path / "run", **{"train.max_steps": 6, "train.precision": "bf16"})) == 6
+    # nan_policy off: the NaN check reads the grad norm back once a step (docs/performance.md)
+    assert len(losses(prepared, tmp_path / "run", **{"train.max_steps": 6, "train.precision": "bf16",
+                                                     "train.nan_policy": "off"})) == 6

@@ -29,6 +29,8 @@ MATRIX: dict[str, dict[str, Any]] = {
     "eager": {"train.backend": "single"},
     "compiled": {"train.backend": "single", "train.compile": True},
     "compiled+chunked-loss": {"train.backend": "single", "train.compile": True, "train.loss_chunk": 4096},
+    "compiled+chunked, no NaN check": {"train.backend": "single", "train.compile": True, "train.loss_chunk": 4096,
+                                       "train.nan_policy": "off"},
     "deepspeed-zero1": {"train.backend": "deepspeed", "train.zero_stage": 1},
     "deepspeed-zero2": {"train.backend": "deepspeed", "train.zero_stage": 2},
     "fsdp2": {"train.backend": "fsdp2"},
@@ -134,14 +136,14 @@ def print_table(result: dict[str, Any]) -> None:
           f"{result['matmul_dtype']} matmul {result['measured_matmul_flops'] / 1e12:.2f} TFLOP/s"
           + (f"; datasheet {result['datasheet_peak_flops'] / 1e12:.0f} TFLOP/s" if result["datasheet_peak_flops"] else ""),
           file=out)
-    print(f"{'configuration':<24}{'tokens/s':>14}{'step ms':>10}{'MFU (sheet)':>13}{'MFU (meas.)':>13}{'peak MB':>10}", file=out)
+    print(f"{'configuration':<32}{'tokens/s':>14}{'step ms':>10}{'MFU (sheet)':>13}{'MFU (meas.)':>13}{'peak MB':>10}", file=out)
     for label, row in result["rows"].items():
         if "error" in row:
-            print(f"{label:<24} error: {row['error']}", file=out)
+            print(f"{label:<32} error: {row['error']}", file=out)
             continue
         sheet = f"{row['mfu_vs_datasheet']:.1%}" if row["mfu_vs_datasheet"] is not None else "-"
         memory = f"{row['peak_memory_mb']:.0f}" if "peak_memory_mb" in row else "-"
-        print(f"{label:<24}{row['tokens_per_s']:>14,.0f}{row['step_time'] * 1000:>10.1f}{sheet:>13}"
+        print(f"{label:<32}{row['tokens_per_s']:>14,.0f}{row['step_time'] * 1000:>10.1f}{sheet:>13}"
               f"{row['mfu_vs_measured_matmul']:>13.1%}{memory:>10}", file=out)
 
 
