@@ -73,24 +73,29 @@ class Job:
         finally:
             _kill_group(proc)
 
-    def kill_after(self, seconds: float, who: str, timeout: float = 600) -> str:
-        """Start, SIGKILL one rank (`one`) or every process (`all`) after `seconds`; returns what happened."""
+    def kill_at(self, step: int, delay: float, who: str, timeout: float = 600) -> str:
+        """Start; once metrics.jsonl shows `step` (0: right away), wait `delay` seconds, then SIGKILL one rank
+        (`one`) or every process (`all`). Returns what happened."""
         proc = self.start()
+        metrics = self.run_dir / "metrics.jsonl"
+        deadline = time.time() + timeout
         try:
-            proc.wait(seconds)
-            return "finished before the kill"
-        except subprocess.TimeoutExpired:
-            pass
-        ranks = _children(proc.pid)
-        if who == "all" or not ranks:
-            os.killpg(proc.pid, signal.SIGKILL)
-        else:
-            os.kill(random.choice(ranks), signal.SIGKILL)
-        try:
+            while step > 0 and proc.poll() is None and time.time() < deadline:
+                if metrics.is_file() and any(f'"step": {step},' in line for line in metrics.read_text().splitlines()):
+                    break
+                time.sleep(0.05)
+            time.sleep(delay)
+            if proc.poll() is not None:
+                return "finished before the kill"
+            ranks = _children(proc.pid)
+            if who == "all" or not ranks:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                os.kill(random.choice(ranks), signal.SIGKILL)
             proc.wait(timeout)
         finally:
             _kill_group(proc)
-        return f"killed {who} at {seconds:.1f} s"
+        return f"SIGKILL {who} {delay:.2f} s after step {step}" if step else f"SIGKILL {who} {delay:.2f} s after start"
 
     def finish(self, attempts: int = 3) -> int:
         """Rerun (--resume auto, the default) until the run is complete; returns how many reruns it took."""
@@ -162,14 +167,13 @@ def main(trials: int = 10, seed: int = 0, work: str = "fault-work", out: str | N
     root.mkdir(parents=True, exist_ok=True)
     prepared = prepare_data(root)
     reference = Job(prepared, root / "reference")
-    start = time.perf_counter()
     if not reference.summary().get("complete"):
         assert reference.run() == 0, f"the uninterrupted run failed; see {reference.log.name}"
-    duration = time.perf_counter() - start
     expected = reference.weights()
     rows = []
     cases = [(name, fault, None, None) for name, fault in targeted()]
-    cases += [(f"random kill {i + 1}", "", rng.uniform(0.3, 1.1) * duration, rng.choice(["one", "all"]))
+    # a random step (0 = during start-up), then a random delay: lands in a step, an eval or a checkpoint write
+    cases += [(f"random kill {i + 1}", "", (rng.randint(0, STEPS - 1), rng.uniform(0, 1.5)), rng.choice(["one", "all"]))
               for i in range(trials)]
     for i, (name, fault, at, who) in enumerate(cases):
         job = Job(prepared, root / f"trial-{i:03d}")
@@ -177,13 +181,13 @@ def main(trials: int = 10, seed: int = 0, work: str = "fault-work", out: str | N
             import shutil
 
             shutil.rmtree(job.run_dir)
-        what = f"TLM_FAULT={fault} (exit {job.run(fault)})" if fault else job.kill_after(at, who)
+        what = f"TLM_FAULT={fault} (exit {job.run(fault)})" if fault else job.kill_at(*at, who)
         checkpoints = sorted(p.name for p in (job.run_dir / "checkpoints").glob("step-*")) \
             if (job.run_dir / "checkpoints").is_dir() else []
         reruns = job.finish()
         same = identical(expected, job.weights())
         rows.append({"case": name, "fault": what, "left_behind": checkpoints, "reruns": reruns, "identical": same})
-        print(f"{name:46s} | {what:38s} | left {','.join(c[-2:] for c in checkpoints) or '-':14s} | "
+        print(f"{name:46s} | {what:40s} | left {','.join(c[-2:] for c in checkpoints) or '-':14s} | "
               f"reruns {reruns} | {'identical' if same else 'DIFFERENT'}", flush=True)
     print(f"{sum(r['identical'] for r in rows)}/{len(rows)} interrupted runs ended with the uninterrupted run's weights")
     if out:
