@@ -122,3 +122,17 @@ def test_verdicts_on_known_numbers() -> None:
     yarn = known["yarn"]
     rows = [{"seq_len": 128, "long_context": [{"length": 256, "plain": 6.0, "yarn": 5.0, "windows": 4}]}]
     assert verdict(yarn, {"base": run([5.0])}, {"base": rows})[0] == "reproduced"
+
+
+def test_a_run_trained_twice_counts_each_step_once(tmp_path: Path) -> None:
+    """metrics.jsonl of an interrupted run trained again holds its first steps twice: the last record wins."""
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"step": 0, "val_loss": 9.0}, {"step": 10, "loss": 8.0}, {"step": 0, "val_loss": 9.1},
+             {"step": 10, "loss": 7.5}, {"step": 20, "loss": 7.0}, {"step": 20, "val_loss": 6.9}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (run / "summary.json").write_text(json.dumps({"complete": True}))
+    loaded = load_run(run)
+    assert [(r["step"], r["loss"]) for r in loaded["train"]] == [(10, 7.5), (20, 7.0)]
+    assert [(r["step"], r["val_loss"]) for r in loaded["val"]] == [(0, 9.1), (20, 6.9)]
+    assert loaded["final_val"] == 6.9

@@ -30,8 +30,9 @@ def load_run(run_dir: Path) -> dict[str, Any] | None:
     if not summary_file.is_file():
         return None
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train = [r for r in records if "loss" in r]
-    val = [r for r in records if "val_loss" in r]
+    # A run that was interrupted and trained again logs its first steps twice: the last record of a step wins.
+    train = sorted({r["step"]: r for r in records if "loss" in r}.values(), key=lambda r: r["step"])
+    val = sorted({r["step"]: r for r in records if "val_loss" in r}.values(), key=lambda r: r["step"])
     return {"dir": run_dir, "summary": json.loads(summary_file.read_text()), "train": train, "val": val,
             "final_val": val[-1]["val_loss"] if val else math.nan}
 
@@ -273,7 +274,7 @@ def plot_position(analyses: dict[str, list[dict]], path: Path) -> None:
             ax.plot([mean(c) for c in zip(*curves)], label=f"{variant} ({len(curves)} seeds)")
     ax.set_xlabel("position in the window")
     ax.set_ylabel("validation loss (nats)")
-    ax.set_title("Loss by position: both models use more context further in")
+    ax.set_title("Loss by position in the window (mean over held-out windows, then seeds)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
