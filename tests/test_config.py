@@ -112,3 +112,16 @@ def test_replace_revalidates() -> None:
     assert config.replace(num_key_value_heads=1).num_key_value_heads == 1
     with pytest.raises(ConfigError, match="unknown model config key 'kv_heads'"):
         config.replace(kv_heads=1)
+
+
+def test_true_and_false_from_a_command_line_are_bools() -> None:
+    from pathlib import Path
+
+    from tlm.train_config import load_config
+
+    recipe = Path(__file__).resolve().parent.parent / "configs" / "debug.yaml"
+    config = load_config(recipe, {"model.tie_word_embeddings": "false", "train.compile": "False", "eval.at_start": "TRUE"})
+    assert config.model_config().tie_word_embeddings is False and config.train.compile is False
+    assert config.eval.at_start is True
+    with pytest.raises(ConfigError, match="must be bool"):
+        load_config(recipe, {"train.compile": "maybe"})

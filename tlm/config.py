@@ -102,6 +102,9 @@ class ModelConfig:
             if float in allowed and isinstance(value, int) and not isinstance(value, bool):
                 setattr(self, f.name, float(value))
                 continue
+            if bool in allowed and isinstance(value, str) and value.lower() in ("true", "false"):
+                setattr(self, f.name, value.lower() == "true")  # --model.key=false from a command line
+                continue
             # bool is an int subclass: refuse True where a count is expected.
             ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
             if not ok:

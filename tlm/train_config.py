@@ -221,6 +221,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return float(value)  # YAML reads 5e-4 as a string
         except ValueError:
             pass
+    if annotation is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"  # --train.compile=false from a command line
     if annotation in (int, float, str, bool):
         if isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
             return value
