@@ -84,3 +84,15 @@ def shakespeare_jsonl(tmp_path_factory: pytest.TempPathFactory, shakespeare_text
         for i, text in enumerate(speeches):
             f.write(json.dumps({"id": i, "text": text}) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory, data_tokenizer: Path, shakespeare_jsonl: Path) -> Path:
+    """The Shakespeare speeches prepared with the test tokenizer (packed rows of 64 tokens, 5% validation):
+    the data of every short training run in the tests (read only; copy it before tampering)."""
+    from data_pipeline.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    prepare(PrepareConfig(data=[str(shakespeare_jsonl)], tokenizer=str(data_tokenizer), out=str(out), seq_len=64,
+                          val=0.05), progress=False)
+    return out

@@ -8,21 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.prepare import PrepareConfig, prepare
 from tlm.ablate import plan, run_local, slug, studies
 from tlm.ablate_report import _curve, load_run, verdict
 from tlm.cli import main
 from tlm.train_config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory, data_tokenizer: Path, shakespeare_jsonl: Path) -> Path:
-    out = tmp_path_factory.mktemp("ablate-data") / "data"
-    prepare(PrepareConfig(data=[str(shakespeare_jsonl)], tokenizer=str(data_tokenizer), out=str(out), seq_len=64,
-                          val=0.05), progress=False)
-    return out
 
 
 def test_every_study_is_derived_from_the_base_recipe() -> None:

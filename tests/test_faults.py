@@ -19,21 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_pipeline.prepare import PrepareConfig, prepare
 from tlm.errors import CheckpointError, TrainingError
 from tlm.train import train
 from tlm.train_config import load_config
 from tlm.train_state import find_resume, verify
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory, data_tokenizer: Path, shakespeare_jsonl: Path) -> Path:
-    out = tmp_path_factory.mktemp("faults-data") / "data"
-    prepare(PrepareConfig(data=[str(shakespeare_jsonl)], tokenizer=str(data_tokenizer), out=str(out), seq_len=64,
-                          val=0.05), progress=False)
-    return out
 
 
 def settings(prepared: Path, run_dir: Path, **overrides) -> dict:

@@ -20,7 +20,6 @@ import pytest
 import zstandard
 
 from data_pipeline.dataset import TokenRows
-from data_pipeline.prepare import PrepareConfig, prepare
 from data_pipeline.sources import DataError, DocumentReader, resolve_sources
 from tlm.errors import TLMError
 
@@ -160,20 +159,12 @@ def test_the_cli_reports_a_fuzzed_file_in_one_line(tmp_path: Path, data_tokenize
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory, data_tokenizer: Path, shakespeare_jsonl: Path) -> Path:
-    out = tmp_path_factory.mktemp("fuzz-shards") / "data"
-    prepare(PrepareConfig(data=[str(shakespeare_jsonl)], tokenizer=str(data_tokenizer), out=str(out), seq_len=64,
-                          val=0.05), progress=False)
-    return out
-
-
 @pytest.mark.parametrize("tamper", ["flip", "truncate", "append", "manifest", "missing"])
-def test_tampered_shards_are_refused(tmp_path: Path, shards: Path, tamper: str) -> None:
+def test_tampered_shards_are_refused(tmp_path: Path, prepared: Path, tamper: str) -> None:
     import shutil
 
     data = tmp_path / "data"
-    shutil.copytree(shards, data)
+    shutil.copytree(prepared, data)
     shard = data / "train-00000.arrow"
     raw = bytearray(shard.read_bytes())
     if tamper == "flip":

@@ -8,20 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
-from data_pipeline.prepare import PrepareConfig, prepare
 from test_train_distributed import _free_port
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory, data_tokenizer: Path, shakespeare_jsonl: Path) -> Path:
-    out = tmp_path_factory.mktemp("launch-data") / "data"
-    prepare(PrepareConfig(data=[str(shakespeare_jsonl)], tokenizer=str(data_tokenizer), out=str(out), seq_len=64,
-                          val=0.05), progress=False)
-    return out
 
 
 def train_flags(prepared: Path, *extra: str) -> list[str]:

@@ -12,19 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline.prepare import PrepareConfig, prepare
 from tlm.train import train
 from tlm.train_config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory, data_tokenizer: Path, shakespeare_jsonl: Path) -> Path:
-    out = tmp_path_factory.mktemp("speed-data") / "data"
-    prepare(PrepareConfig(data=[str(shakespeare_jsonl)], tokenizer=str(data_tokenizer), out=str(out), seq_len=64,
-                          val=0.05), progress=False)
-    return out
 
 
 def losses(prepared: Path, run_dir: Path, **overrides) -> list[float]:

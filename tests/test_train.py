@@ -24,14 +24,6 @@ from tlm.train_config import ScheduleSection, TrainConfig, load_config
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory, data_tokenizer: Path, shakespeare_jsonl: Path) -> Path:
-    out = tmp_path_factory.mktemp("train") / "data"
-    prepare(PrepareConfig(data=[str(shakespeare_jsonl)], tokenizer=str(data_tokenizer), out=str(out), seq_len=64,
-                          val=0.05), progress=False)
-    return out
-
-
 def config_for(prepared: Path, run_dir: Path, **overrides) -> TrainConfig:
     values = {"data.prepared": str(prepared), "logging.run_dir": str(run_dir), "logging.sample_prompt": None,
               "logging.wandb": "disabled", **overrides}
