@@ -2,37 +2,48 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from data_pipeline.shards import BATCH_ROWS, FORMAT, FORMAT_VERSION, MANIFEST
+from data_pipeline.schema import DatasetManifest
+from data_pipeline.shards import BATCH_ROWS, FORMAT, FORMAT_VERSION, MANIFEST, shard_schema
 from data_pipeline.sources import DataError
 from tlm.fileio import sha256_file
+from tlm.schema import inside, load_json_text, parse
+
+
+def _schema_text(schema: pa.Schema) -> str:
+    return ", ".join(f"{f.name}: {f.type}" for f in schema)
+
+
+FIX = "prepare the dataset again (tlm prepare ... --overwrite)"
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of a prepared dataset folder; explains what is wrong when there is none."""
+    """The manifest of a prepared dataset folder, validated (see data_pipeline.schema); explains what is
+    wrong when there is none."""
     root = Path(path)
     file = root / MANIFEST
+    if root.exists() and not root.is_dir():
+        raise DataError(f"'{root}' is not a prepared dataset folder (it is a file)")
     if not file.exists():
         if (root / ".prepare-journal.jsonl").exists():
             raise DataError(f"'{root}' holds an unfinished `tlm prepare` (no manifest.json yet); rerun it to complete it")
         if list(root.glob("worker-*-of-*")):
             raise DataError(f"'{root}' holds worker outputs but no merged manifest; run `tlm prepare --merge --out {root}`")
         raise DataError(f"'{root}' is not a prepared dataset: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{file}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{file}: not a tlm token dataset (format {manifest.get('format')!r})")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise DataError(f"{file}: format_version {manifest['format_version']} is newer than this tlm reads")
-    return manifest
+    data = load_json_text(file, DataError, FIX)
+    if isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("format_version"), int) \
+            and not isinstance(data["format_version"], bool) and data["format_version"] > FORMAT_VERSION:
+        raise DataError(f"{file}: format_version {data['format_version']} is newer than this tlm reads ({FORMAT_VERSION}); "
+                        "upgrade tlm")
+    if isinstance(data, dict) and data.get("format") != FORMAT:
+        raise DataError(f"{file}: not a tlm token dataset (format {data.get('format')!r})")
+    parse(DatasetManifest, data, str(file), DataError, FIX)
+    return data
 
 
 def check_compatible(manifest: dict[str, Any], vocab_size: int, seq_len: int, tokenizer_sha256: str | None = None,
@@ -47,6 +58,19 @@ def check_compatible(manifest: dict[str, Any], vocab_size: int, seq_len: int, to
     if manifest["seq_len"] != seq_len:
         raise DataError(f"{where}: prepared for seq_len {manifest['seq_len']}, the run uses {seq_len}; "
                         f"prepare it again with --seq-len {seq_len}")
+
+
+def check_token_range(rows: "TokenRows", vocab_size: int) -> None:
+    """Refuse rows holding a token id the model (or the dataset's own tokenizer) has no embedding for,
+    naming the shard: an id past the embedding is an IndexError on CPU and a device-side assert on a GPU."""
+    tokenizer_vocab = rows.manifest["tokenizer"]["vocab_size"]
+    for file, largest in rows.max_token_ids.items():
+        if largest >= tokenizer_vocab:
+            raise DataError(f"{rows.root / file}: holds token id {largest}, outside its tokenizer's vocabulary of "
+                            f"{tokenizer_vocab}: the shard was not written by that tokenizer; {FIX}")
+        if largest >= vocab_size:
+            raise DataError(f"{rows.root / file}: holds token id {largest}, but the model's vocabulary has {vocab_size} "
+                            f"ids (0..{vocab_size - 1}); prepare the data with the model's tokenizer or raise model.vocab_size")
 
 
 class TokenRows:
@@ -68,19 +92,24 @@ class TokenRows:
         self._batches: list[list[np.ndarray]] = []  # per shard: per record batch, a (rows, row_length) view
         self._lengths: list[list[np.ndarray]] = []
         starts = [0]
+        self.max_token_ids: dict[str, int] = {}
+        self.dtype = np.dtype(self.manifest["dtype"])
         for shard in info["shards"]:
-            file = self.root / shard["file"]
-            if not file.exists():
-                raise DataError(f"{self.root}: shard {shard['file']} named in the manifest is missing")
+            try:
+                file = inside(self.root, shard["file"])
+            except ValueError as e:
+                raise DataError(f"{self.root / MANIFEST}: shard {e}; {FIX}") from None
+            if not file.is_file():
+                raise DataError(f"{self.root}: shard {shard['file']} named in the manifest is missing; {FIX}")
             if verify != "none" and file.stat().st_size != shard["bytes"]:
                 raise DataError(f"{file}: {file.stat().st_size} bytes, the manifest says {shard['bytes']}: "
-                                "the shard is truncated or was replaced; prepare the dataset again")
+                                f"the shard is truncated or was replaced; {FIX}")
             if verify == "sha256" and sha256_file(file) != shard["sha256"]:
-                raise DataError(f"{file}: sha256 differs from the manifest: the shard is corrupt or was modified; "
-                                "prepare the dataset again")
+                raise DataError(f"{file}: sha256 differs from the manifest: the shard is corrupt or was modified; {FIX}")
             batches, lengths = self._map(file)
             if sum(len(b) for b in batches) != shard["rows"]:
-                raise DataError(f"{file}: holds {sum(len(b) for b in batches)} rows, the manifest says {shard['rows']}")
+                raise DataError(f"{file}: holds {sum(len(b) for b in batches)} rows, the manifest says {shard['rows']}; {FIX}")
+            self._check_values(file, shard, batches, lengths, verify)
             self._batches.append(batches)
             self._lengths.append(lengths)
             starts.append(starts[-1] + shard["rows"])
@@ -89,8 +118,13 @@ class TokenRows:
         self.fingerprint = self.manifest["fingerprint"]
 
     def _map(self, file: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Memory-map a shard after checking its Arrow schema against the manifest (row length, dtype, columns)."""
         try:
             reader = pa.ipc.open_file(pa.memory_map(str(file), "r"))
+            expected = shard_schema(self.row_length, self.dtype, self.pack)
+            if not reader.schema.remove_metadata().equals(expected.remove_metadata()):
+                raise DataError(f"{file}: its Arrow schema ({_schema_text(reader.schema)}) is not the one the manifest "
+                                f"describes ({_schema_text(expected)}); the manifest or the shard was edited; {FIX}")
             batches, lengths = [], []
             for i in range(reader.num_record_batches):
                 batch = reader.get_batch(i)
@@ -102,6 +136,22 @@ class TokenRows:
         except (pa.ArrowInvalid, pa.ArrowException, OSError, KeyError) as e:
             raise DataError(f"{file}: not a readable token shard ({e})") from None
         return batches, lengths
+
+    def _check_values(self, file: Path, shard: dict[str, Any], batches: list[np.ndarray], lengths: list[np.ndarray],
+                      verify: str) -> None:
+        """The largest token id (scanned under a sha256 check or when the manifest has none; it must equal the
+        recorded one) and, in no-pack mode, row lengths within 1..row_length."""
+        recorded = shard.get("max_token_id")
+        if verify == "sha256" or recorded is None:
+            scanned = max((int(b.max()) for b in batches if b.size), default=0)
+            if recorded is not None and scanned != recorded:
+                raise DataError(f"{file}: its largest token id is {scanned}, the manifest says {recorded}; {FIX}")
+            recorded = scanned
+        self.max_token_ids[shard["file"]] = recorded
+        if lengths and verify != "none":
+            low, high = min(int(x.min()) for x in lengths if x.size), max(int(x.max()) for x in lengths if x.size)
+            if low < 1 or high > self.row_length:
+                raise DataError(f"{file}: row lengths {low}..{high} are outside 1..{self.row_length}; {FIX}")
 
     def __len__(self) -> int:
         return self.num_rows

@@ -17,8 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import sys
+import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +38,10 @@ from data_pipeline.shards import (
 from data_pipeline.sources import PIECE_CHARS, DataError, Document, DocumentReader, Source, resolve_sources
 from data_pipeline.tokenizer import EOT, tokenizer_sha256
 from data_pipeline.workers import assign_sources, worker_dir
-from tlm.fileio import atomic_write_json, sha256_file
+from data_pipeline.schema import JournalEntry, JournalHeader
+from tlm.fileio import DiskFullError, LineAppender, atomic_write_json, cut_torn_tail, disk_full, is_disk_full, sha256_file
+from tlm.locks import FolderLock
+from tlm.schema import parse
 from tlm.tokenizer import load_tokenizer
 
 log = logging.getLogger("tlm.prepare")
@@ -225,13 +228,54 @@ class SplitWriter:
             self.shard.abort()
 
 
-def _fingerprint(config: PrepareConfig, sources: list[Source], tok_sha: str) -> str:
+def describe_inputs(config: PrepareConfig, sources: list[Source], tok_sha: str,
+                    digests: list[str | None] | None = None) -> dict[str, Any]:
+    """Everything that determines the output: settings, the tokenizer's sha256 and every source's content.
+
+    Sources are identified by the sha256 of their bytes, read once at the start (about 2 GB/s here, some
+    hundred times faster than tokenizing them), so an edit that keeps the size and even the mtime is seen.
+    """
+    start = time.perf_counter()
     described = {
-        **{k: v for k, v in asdict(config).items() if k not in ("out", "tokenizer")},
+        **{k: v for k, v in asdict(config).items() if k not in ("out", "tokenizer", "data", "val_data")},
         "tokenizer_sha256": tok_sha,
-        "sources": [(s.kind, s.path, s.size) for s in sources],
+        "sources": [{"kind": s.kind, "path": s.path, "bytes": s.size,
+                     "sha256": digests[i] if digests is not None else s.content_sha256()} for i, s in enumerate(sources)],
     }
-    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+    seconds = time.perf_counter() - start
+    if seconds > 2:
+        log.info("hashed %d sources in %.1f s", len(sources), seconds)
+    return described
+
+
+def fingerprint_of(described: dict[str, Any]) -> str:
+    """The hash of `describe_inputs`: sources count by content (their path only where there is no content
+    hash, a hub dataset), so the same bytes under another path or working directory are the same data."""
+    identity = {**described, "sources": [{"kind": s["kind"], "bytes": s["bytes"], "sha256": s["sha256"]} if s["sha256"]
+                                         else {"kind": s["kind"], "path": s["path"]} for s in described["sources"]]}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def input_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    """What differs between two `describe_inputs` results, for the message that refuses to mix them."""
+    if not old:
+        return "settings recorded by an older tlm"
+    changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+               if k != "sources" and old.get(k) != new.get(k)]
+    before = {s["path"]: s for s in old.get("sources", [])}
+    after = {s["path"]: s for s in new["sources"]}
+    for path in sorted(set(before) | set(after)):
+        a, b = before.get(path), after.get(path)
+        if a is None:
+            changes.append(f"source {path} added")
+        elif b is None:
+            changes.append(f"source {path} removed")
+        elif a != b:
+            changes.append(f"source {path} changed (sha256 {str(a.get('sha256'))[:12]}... -> {str(b.get('sha256'))[:12]}..., "
+                           f"{a.get('bytes')} -> {b.get('bytes')} bytes)")
+    if not changes and [s["path"] for s in old.get("sources", [])] != [s["path"] for s in new["sources"]]:
+        changes.append("the order of the sources")
+    return "; ".join(changes) or "the settings"
 
 
 def _val_selector(config: PrepareConfig):
@@ -249,18 +293,40 @@ def _val_selector(config: PrepareConfig):
     return lambda source, record, number: False
 
 
-def _read_journal(out: Path, fingerprint: str) -> dict[str, SplitState] | None:
-    """The committed state of an interrupted run with the same settings, or None to start afresh."""
+def _read_journal(out: Path, fingerprint: str, described: dict[str, Any]) -> dict[str, SplitState] | None:
+    """The committed state of an interrupted run with the same inputs, or None to start afresh (no journal,
+    or a committed shard damaged since). Other inputs or settings are refused: mixing them would be silent."""
     path = out / JOURNAL
     if not path.exists():
         return None
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
-    if not lines or lines[0].get("fingerprint") != fingerprint:
-        log.warning("%s: an interrupted run with other settings is there; starting afresh", out)
+    cut_torn_tail(path)  # a line cut by a kill or a full disk: that shard was never recorded, so it is redone
+    fix = "rerun with --overwrite to start afresh (losing the interrupted progress)"
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e}); {fix}") from None
+        schema = JournalHeader if number == 1 else JournalEntry
+        records.append(parse(schema, record, f"{path}:{number}", DataError, fix))
+    if not records:
+        return None
+    header = records[0]
+    if header.fingerprint != fingerprint:
+        changes = input_changes(header.described, described)
+        old_paths = [s["path"] for s in (header.described or {}).get("sources", [])]
+        if header.described and old_paths == [s["path"] for s in described["sources"]] and \
+                {k: v for k, v in header.described.items() if k != "sources"} == \
+                {k: v for k, v in described.items() if k != "sources"}:
+            # Same flags, same files, other bytes: an input was edited under an interrupted run.
+            raise DataError(f"'{out}' holds an interrupted prepare whose input has changed since ({changes}); "
+                            f"{fix} from the new content, or restore the file and rerun")
+        log.warning("%s: an interrupted prepare with other settings is there (%s); starting afresh", out, changes)
         return None
     states = {split: SplitState() for split in SPLITS}
-    for entry in lines[1:]:
-        states[entry["split"]] = SplitState(**entry["state"])
+    for entry in records[1:]:
+        states[entry.split] = SplitState(**entry.state.model_dump(include=set(SplitState.__dataclass_fields__)))
     for split, state in states.items():
         for shard in state.shards:
             file = out / shard["file"]
@@ -270,10 +336,29 @@ def _read_journal(out: Path, fingerprint: str) -> dict[str, SplitState] | None:
     return states
 
 
-def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the preparation; return the manifest."""
+def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = True, wait: bool = False) -> dict[str, Any]:
+    """Run (or resume) the preparation; return the manifest.
+
+    The output folder has one owner: a second prepare on it is refused at once (or, with `wait`, waits for
+    the first one, then finds its result). A full disk is one line; rerunning resumes from the last
+    committed shard.
+    """
     root = Path(config.out)
     out = worker_dir(root, config.worker_index, config.num_workers) if config.num_workers > 1 else root
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out '{out}' is a file; give a folder")
+    with FolderLock(out, "prepare output", wait=wait, hint="wait for that prepare to finish, or choose another --out"):
+        try:
+            return _prepare(config, out, overwrite, progress)
+        except OSError as e:
+            if is_disk_full(e) and not isinstance(e, DiskFullError):
+                where = Path(e.filename) if getattr(e, "filename", None) else out
+                raise disk_full(e, where, "free some space and rerun the same command: it resumes from the last "
+                                "committed shard") from e
+            raise
+
+
+def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool) -> dict[str, Any]:
     tok_dir = Path(config.tokenizer)
     tokenizer = load_tokenizer(tok_dir)
     tokenizer.encode_special_tokens = True  # '<|endoftext|>' written in a document is text, not a separator
@@ -287,29 +372,35 @@ def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = Tru
     train_sources = resolve_sources(config.data)
     val_sources = resolve_sources(config.val_data) if config.val_data else []
     sources = train_sources + val_sources
-    fingerprint = _fingerprint(config, sources, tok_sha)
+    described = describe_inputs(config, sources, tok_sha)
+    fingerprint = fingerprint_of(described)
 
     manifest_path = out / MANIFEST
     if manifest_path.exists() and not overwrite:
-        existing = json.loads(manifest_path.read_text())
+        from data_pipeline.dataset import load_manifest
+
+        existing = load_manifest(out)
         if existing.get("fingerprint") == fingerprint:
             log.info("%s is already prepared with these settings", out)
             return {**existing, "reused": True}
-        raise DataError(f"'{out}' already holds a prepared dataset made with other settings; pass --overwrite to replace it")
+        raise DataError(f"'{out}' already holds a prepared dataset made with other settings "
+                        f"({input_changes(existing.get('inputs'), described)}); pass --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tmp"):
         stale.unlink()
-    states = None if overwrite else _read_journal(out, fingerprint)
+    states = None if overwrite else _read_journal(out, fingerprint, described)
     if states is None:
         for old in list(out.glob("train-*.arrow")) + list(out.glob("val-*.arrow")) + [out / JOURNAL, manifest_path]:
             old.unlink(missing_ok=True)
         states = {split: SplitState() for split in SPLITS}
-        _append_journal(out, {"fingerprint": fingerprint})
     else:
         log.info("resuming: %s", ", ".join(f"{s} {len(st.shards)} shards" for s, st in states.items()))
+    journal = LineAppender(out / JOURNAL, fsync=True)
+    if (out / JOURNAL).stat().st_size == 0:  # a fresh start: the header first
+        journal.write_json({"fingerprint": fingerprint, "described": described})
 
     def on_commit(split: str, state: SplitState) -> None:
-        _append_journal(out, {"split": split, "state": asdict(state)})
+        journal.write_json({"split": split, "state": asdict(state)})
 
     writers = {s: SplitWriter(out, s, config, eot, dtype, states[s], on_commit) for s in SPLITS}
     reader = DocumentReader(sources, text_field=config.text_field, sample_by=config.sample_by,
@@ -368,6 +459,7 @@ def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = Tru
         raise
     finally:
         bar.close()
+        journal.close()
     stats["documents"] = kept
 
     problem = None
@@ -387,6 +479,7 @@ def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = Tru
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "fingerprint": fingerprint,
+        "inputs": described,
         "seq_len": config.seq_len,
         "row_length": config.seq_len + 1,
         "mode": "pack" if config.pack else "nopack",
@@ -397,7 +490,7 @@ def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = Tru
         "sample_by": config.sample_by,
         "sources": [
             {"path": s.path, "kind": s.kind, "compression": s.compression, "bytes": s.size,
-             "documents": reader.documents_per_source[i], "split": "val" if i >= len(train_sources) else "train"}
+             "sha256": described["sources"][i]["sha256"], "documents": reader.documents_per_source[i], "split": "val" if i >= len(train_sources) else "train"}
             for i, s in enumerate(sources) if i in indices
         ],
         "val": {"data": config.val_data, "held_out": config.val, "seed": config.seed},
@@ -412,6 +505,7 @@ def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = Tru
                 "dropped_tokens": w.dropped_tokens,
                 "truncated_documents": w.state.truncated_documents,
                 "shards": w.state.shards,
+                "max_token_id": max((sh["max_token_id"] for sh in w.state.shards), default=None),
             }
             for split, w in writers.items()
         },
@@ -421,11 +515,3 @@ def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = Tru
     if reader.skips.total():
         log.warning("skipped %d records: %s", reader.skips.total(), reader.skips.to_dict()["by_reason"])
     return manifest
-
-
-def _append_journal(out: Path, entry: dict[str, Any]) -> None:
-    path = out / JOURNAL
-    with open(path, "a") as f:
-        f.write(json.dumps(entry) + "\n")
-        f.flush()
-        os.fsync(f.fileno())

@@ -51,6 +51,7 @@ class ShardFile:
         self.pending_lengths: list[np.ndarray] = []
         self.pending_rows = 0
         self.rows = self.tokens = self.documents = 0
+        self.max_token_id = 0
 
     def add(self, rows: np.ndarray, lengths: np.ndarray | None = None) -> None:
         """Append rows (n, row_length); in no-pack mode with their real lengths."""
@@ -59,6 +60,8 @@ class ShardFile:
             self.pending_lengths.append(lengths)
         self.pending_rows += len(rows)
         self.rows += len(rows)
+        if rows.size:
+            self.max_token_id = max(self.max_token_id, int(rows.max()))
         if self.pack:
             self.tokens += rows.size
             self.documents += int(np.count_nonzero(rows == self.eot))
@@ -94,6 +97,7 @@ class ShardFile:
             "documents": self.documents,
             "bytes": self.tmp.stat().st_size,
             "sha256": sha256_file(self.tmp),
+            "max_token_id": self.max_token_id,
         }
         os.replace(self.tmp, self.path)
         return entry

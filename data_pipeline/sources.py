@@ -56,6 +56,26 @@ class Source:
     def size(self) -> int | None:
         return os.path.getsize(self.path) if self.kind not in ("hf", "disk") else None
 
+    def content_sha256(self) -> str | None:
+        """sha256 of the bytes as stored (every file of a saved dataset folder, with its name); None for a
+        hub dataset, which is identified by its name and split only."""
+        import hashlib
+
+        if self.kind == "hf":
+            return None
+        digest = hashlib.sha256()
+        files = [Path(self.path)] if self.kind != "disk" else sorted(p for p in Path(self.path).rglob("*") if p.is_file())
+        for file in files:
+            if self.kind == "disk":
+                digest.update(file.relative_to(self.path).as_posix().encode() + b"\0")
+            try:
+                with open(file, "rb") as f:
+                    while block := f.read(1 << 22):
+                        digest.update(block)
+            except OSError as e:
+                raise DataError(f"{file}: cannot be read ({e.strerror or e})") from None
+        return digest.hexdigest()
+
 
 @dataclass
 class Document:
@@ -133,6 +153,9 @@ def resolve_sources(spec: str | list[str] | tuple[str, ...]) -> list[Source]:
             sources.extend(_file_source(str(f)) for f in files)
         elif path.is_file():
             sources.append(_file_source(str(path)))
+        elif path.exists():
+            raise DataError(f"data source '{item}' is not a regular file or folder ({_file_kind(path)}); "
+                            "tlm reads files it can hash and read again: copy the data to a file")
         elif glob.has_magic(item):
             matches = sorted(p for p in glob.glob(os.path.expanduser(item), recursive=True) if Path(p).is_file())
             if not matches:
@@ -143,6 +166,17 @@ def resolve_sources(spec: str | list[str] | tuple[str, ...]) -> list[Source]:
         else:
             raise DataError(f"data source '{item}' does not exist")
     return sources
+
+
+def _file_kind(path: Path) -> str:
+    import stat
+
+    mode = path.stat().st_mode
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def open_binary(source: Source) -> IO[bytes]:

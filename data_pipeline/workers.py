@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +34,17 @@ def assign_sources(sources: list[Source], workers: int, index: int) -> tuple[lis
 
 
 def merge_workers(out_dir: str | Path) -> dict[str, Any]:
-    """Combine the manifests of `prepare --num-workers N` runs into OUT/manifest.json."""
+    """Combine the manifests of `prepare --num-workers N` runs into OUT/manifest.json (one merge at a time)."""
+    from tlm.locks import FolderLock
+
     root = Path(out_dir)
+    if not root.is_dir():
+        raise DataError(f"'{root}' is not a folder of worker outputs")
+    with FolderLock(root, "prepare output", hint="wait for that merge to finish"):
+        return _merge(root)
+
+
+def _merge(root: Path) -> dict[str, Any]:
     parts = sorted(root.glob("worker-*-of-*"))
     if not parts:
         raise DataError(f"'{root}' holds no worker-I-of-N folders to merge")
@@ -45,13 +53,15 @@ def merge_workers(out_dir: str | Path) -> dict[str, Any]:
     missing = [p.name for p in expected if not (p / MANIFEST).exists()]
     if missing:
         raise DataError(f"cannot merge '{root}': workers not finished: {', '.join(missing)}")
-    manifests = [json.loads((p / MANIFEST).read_text()) for p in expected]
+    from data_pipeline.dataset import load_manifest
+
+    manifests = [load_manifest(p) for p in expected]
     first = manifests[0]
     for key in ("seq_len", "mode", "dtype", "tokenizer", "text_field", "sample_by", "val"):
         for p, m in zip(expected, manifests):
             if m[key] != first[key]:
                 raise DataError(f"cannot merge: {p.name} has {key}={m[key]!r}, {expected[0].name} has {first[key]!r}")
-    merged = {k: v for k, v in first.items() if k not in ("sources", "splits", "skipped", "workers", "characters")}
+    merged = {k: v for k, v in first.items() if k not in ("sources", "splits", "skipped", "workers", "characters", "inputs")}
     merged["fingerprint"] = hashlib.sha256("".join(m["fingerprint"] for m in manifests).encode()).hexdigest()
     merged["workers"] = {"count": count}
     merged["sources"] = [s for m in manifests for s in m["sources"]]
@@ -67,7 +77,7 @@ def merge_workers(out_dir: str | Path) -> dict[str, Any]:
         merged["splits"][split] = {
             key: sum(m["splits"][split][key] for m in manifests)
             for key in ("rows", "tokens", "documents", "dropped_tokens", "truncated_documents")
-        } | {"shards": shards}
+        } | {"shards": shards, "max_token_id": max((s.get("max_token_id") or 0 for s in shards), default=None)}
     if merged["splits"]["train"]["rows"] == 0:
         raise DataError(f"merged dataset in '{root}' has no training rows")
     atomic_write_json(root / MANIFEST, merged)

@@ -122,7 +122,7 @@ def test_a_run_trained_twice_counts_each_step_once(tmp_path: Path) -> None:
     lines = [{"step": 0, "val_loss": 9.0}, {"step": 10, "loss": 8.0}, {"step": 0, "val_loss": 9.1},
              {"step": 10, "loss": 7.5}, {"step": 20, "loss": 7.0}, {"step": 20, "val_loss": 6.9}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    (run / "summary.json").write_text(json.dumps({"complete": True}))
+    (run / "summary.json").write_text(json.dumps({"complete": True, "steps": 20, "total_steps": 20}))
     loaded = load_run(run)
     assert [(r["step"], r["loss"]) for r in loaded["train"]] == [(10, 7.5), (20, 7.0)]
     assert [(r["step"], r["val_loss"]) for r in loaded["val"]] == [(0, 9.1), (20, 6.9)]

@@ -105,16 +105,16 @@ class Crash(Exception):
 
 def crash_after_journal_entries(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
     """Kill `prepare` right after its journal has `count` entries (the first records the settings)."""
-    original = prepare_module._append_journal
     calls = {"n": 0}
 
-    def crashing(out: Path, entry: dict) -> None:
-        original(out, entry)
-        calls["n"] += 1
-        if calls["n"] >= count:
-            raise Crash("killed")
+    class CrashingJournal(prepare_module.LineAppender):
+        def write_json(self, record: dict) -> None:
+            super().write_json(record)
+            calls["n"] += 1
+            if calls["n"] >= count:
+                raise Crash("killed")
 
-    monkeypatch.setattr(prepare_module, "_append_journal", crashing)
+    monkeypatch.setattr(prepare_module, "LineAppender", CrashingJournal)
 
 
 @pytest.mark.parametrize("pack", [True, False], ids=["pack", "nopack"])
@@ -162,7 +162,7 @@ def test_resume_skips_the_tokenizing_of_committed_input(tmp_path: Path, data_tok
 def test_a_finished_dataset_is_reused_or_refused(tmp_path: Path, data_tokenizer: Path, shakespeare_jsonl: Path) -> None:
     prepare(config(shakespeare_jsonl, data_tokenizer, tmp_path / "o"), progress=False)
     assert prepare(config(shakespeare_jsonl, data_tokenizer, tmp_path / "o"), progress=False)["reused"]
-    with pytest.raises(DataError, match="made with other settings; pass --overwrite"):
+    with pytest.raises(DataError, match=r"made with other settings \(seq_len: 64 -> 32\); pass --overwrite"):
         prepare(config(shakespeare_jsonl, data_tokenizer, tmp_path / "o", seq_len=32), progress=False)
     manifest = prepare(config(shakespeare_jsonl, data_tokenizer, tmp_path / "o", seq_len=32), overwrite=True, progress=False)
     assert manifest["seq_len"] == 32 and "reused" not in manifest

@@ -10,7 +10,6 @@ complete is not trained again; an interrupted one resumes from its checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 from dataclasses import dataclass, field
@@ -131,8 +130,10 @@ def resolve_studies(study: str) -> list[str]:
 
 
 def is_complete(run_dir: Path) -> bool:
+    from tlm.metrics import read_summary
+
     summary = run_dir / "summary.json"
-    return summary.is_file() and json.loads(summary.read_text()).get("complete", False)
+    return summary.is_file() and read_summary(summary)["complete"]
 
 
 def run_local(runs: list[dict[str, Any]], scale: str, out: Path) -> list[str]:
@@ -142,8 +143,7 @@ def run_local(runs: list[dict[str, Any]], scale: str, out: Path) -> list[str]:
     started on the same OUT share the work (one per core, say); the lock dies with its process, so a crash
     never leaves a run claimed.
     """
-    import fcntl
-
+    from tlm.locks import FolderInUse, FolderLock
     from tlm.train import train
 
     trained = []
@@ -152,19 +152,20 @@ def run_local(runs: list[dict[str, Any]], scale: str, out: Path) -> list[str]:
         if is_complete(run_dir):
             log.info("[%d/%d] %s: already done", i, len(runs), run["name"])
             continue
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / ".lock", "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("[%d/%d] %s: another process is training it", i, len(runs), run["name"])
-                continue
-            if is_complete(run_dir):  # finished while we waited for the lock
+        try:
+            lock = FolderLock(run_dir, "run folder").acquire()  # the trainer takes it again: same process, no conflict
+        except FolderInUse:
+            log.info("[%d/%d] %s: another process is training it", i, len(runs), run["name"])
+            continue
+        try:
+            if is_complete(run_dir):  # finished while we looked
                 continue
             log.info("[%d/%d] %s: training (%s)", i, len(runs), run["name"], run["overrides"] or "base recipe")
             config = load_config(base_config_path(scale), {**run["overrides"], "name": run["name"],
                                                           "logging.run_dir": str(run_dir)})
             train(config)
+        finally:
+            lock.release()
         trained.append(run["name"])
     return trained
 

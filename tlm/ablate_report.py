@@ -17,9 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from tlm.ablate import EQUIVALENCE_MARGIN, Study, base_config_path, slug, studies
+from tlm.errors import TLMError
+from tlm.fileio import atomic_write_json
 from tlm.generate import kv_cache_bytes
+from tlm.metrics import read_metrics, read_summary
+from tlm.schema import load_json_text
 from tlm.stats import mean, paired_difference, std, welch_difference
 from tlm.train_config import load_config
+from tlm.train_state import read_latest
 
 KEPT = ("metrics.jsonl", "summary.json", "analysis.json")
 
@@ -29,22 +34,22 @@ def load_run(run_dir: Path) -> dict[str, Any] | None:
     summary_file = run_dir / "summary.json"
     if not summary_file.is_file():
         return None
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_metrics(run_dir / "metrics.jsonl")
     # A run that was interrupted and trained again logs its first steps twice: the last record of a step wins.
     train = sorted({r["step"]: r for r in records if "loss" in r}.values(), key=lambda r: r["step"])
     val = sorted({r["step"]: r for r in records if "val_loss" in r}.values(), key=lambda r: r["step"])
-    return {"dir": run_dir, "summary": json.loads(summary_file.read_text()), "train": train, "val": val,
+    return {"dir": run_dir, "summary": read_summary(summary_file), "train": train, "val": val,
             "final_val": val[-1]["val_loss"] if val else math.nan}
 
 
 # --- analyses that need the trained model ----------------------------------------------------------------
 
 def _latest_model(run_dir: Path) -> Path | None:
-    latest = run_dir / "checkpoints" / "latest"
-    if latest.is_file():
-        model = run_dir / "checkpoints" / latest.read_text().strip() / "model"
-        return model if model.is_dir() else None
-    return None
+    latest = read_latest(run_dir)
+    if latest is None:
+        return None
+    model = latest / "model"
+    return model if model.is_dir() else None
 
 
 def long_windows(model_dir: Path, length: int, count: int) -> torch.Tensor:
@@ -100,7 +105,7 @@ def analyse(run_dir: Path, seq_len: int, windows: int = 16) -> dict[str, Any]:
     long-context perplexity at 1, 2, 4, 8 x that length with and without YaRN. Cached next to the run."""
     path = run_dir / "analysis.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        return load_json_text(path, TLMError, "delete it to compute it again from the run's model")
     model_dir = _latest_model(run_dir)
     if model_dir is None:
         return {}
@@ -124,7 +129,7 @@ def analyse(run_dir: Path, seq_len: int, windows: int = 16) -> dict[str, Any]:
             else:
                 row["yarn"] = row["plain"]
             result["long_context"].append(row)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(path, result)
     return result
 
 

@@ -381,6 +381,15 @@ def init_distributed(config: TrainConfig) -> DistInfo:
     return DistInfo(rank, world, local_rank, device)
 
 
+def from_rank0(value: Any) -> Any:
+    """`value` as rank 0 has it, on every rank (a no-op in one process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
 def _free_port() -> int:
     import socket
 

@@ -12,11 +12,9 @@ name and shape, and names the first that disagrees.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from safetensors import safe_open
@@ -24,8 +22,9 @@ from safetensors.torch import save_file
 
 import tlm
 from tlm.config import ModelConfig
-from tlm.errors import CheckpointError, ConfigError
-from tlm.fileio import atomic_write_json, fsync_path
+from tlm.errors import CheckpointError, ConfigError, TLMError
+from tlm.fileio import atomic_write_json, disk_full, fsync_path, honour_umask, is_disk_full, temp_path_beside
+from tlm.schema import Field, NonNegInt, PosInt, Schema, StrictInt, load_json_text, parse
 from tlm.model import TransformerLM
 from tlm.tokenizer import copy_tokenizer_files
 
@@ -33,6 +32,17 @@ CONFIG_NAME = "tlm_config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "tlm-model"
 FORMAT_VERSION = 1
+
+
+class ModelDirMeta(Schema):
+    """tlm_config.json; its "model" object is checked by ModelConfig itself (types, ranges, a size bound)."""
+
+    format: Literal["tlm-model"]
+    format_version: Annotated[StrictInt, Field(ge=1, le=FORMAT_VERSION)]
+    model: dict[str, Any]
+    num_parameters: NonNegInt | None = None
+    trained_steps: NonNegInt | None = None
+    trained_seq_len: PosInt | None = None
 
 
 def stored_state(model: TransformerLM) -> dict[str, torch.Tensor]:
@@ -65,14 +75,16 @@ def save_model_dir(
         copy_tokenizer_files(Path(tokenizer_dir), out)  # checks the folder before anything is written
     out.mkdir(parents=True, exist_ok=True)
     state = weights_for_save(model)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{WEIGHTS_NAME}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_path_beside(out / WEIGHTS_NAME)
     try:
-        save_file(state, tmp, metadata={"format": "pt", "tlm_format": FORMAT, "tlm_format_version": str(FORMAT_VERSION)})
-        fsync_path(Path(tmp))
+        save_file(state, str(tmp), metadata={"format": "pt", "tlm_format": FORMAT, "tlm_format_version": str(FORMAT_VERSION)})
+        honour_umask(tmp)
+        fsync_path(tmp)
         os.replace(tmp, out / WEIGHTS_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e) and not isinstance(e, TLMError):
+            raise disk_full(e, out / WEIGHTS_NAME) from e
         raise
     meta = {
         "format": FORMAT,
@@ -101,16 +113,15 @@ def read_model_meta(model_dir: str | os.PathLike) -> dict[str, Any]:
                 "(tlm export writes those); tlm commands read tlm model directories (tlm init / tlm train write them)"
             )
         raise CheckpointError(f"'{path}' is not a tlm model directory: {CONFIG_NAME} is missing")
-    try:
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+    meta = load_json_text(config_path, CheckpointError)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("model"), dict):
         raise CheckpointError(f"{config_path}: not a tlm model config (expected \"format\": \"{FORMAT}\" and a \"model\" object)")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise CheckpointError(
-            f"{config_path}: format_version {meta['format_version']} is newer than this tlm reads ({FORMAT_VERSION}); upgrade tlm"
+            f"{config_path}: format_version {version} is newer than this tlm reads ({FORMAT_VERSION}); upgrade tlm"
         )
+    parse(ModelDirMeta, meta, str(config_path), CheckpointError)
     return meta
 
 
@@ -143,11 +154,17 @@ def read_weights(model_dir: str | os.PathLike, config: ModelConfig) -> dict[str,
             for name in found:
                 if name not in expected:
                     raise CheckpointError(f"{weights_path}: unexpected tensor '{name}' (not part of this model config)")
-            return {name: f.get_tensor(name) for name in expected}
+            weights = {name: f.get_tensor(name) for name in expected}
     except CheckpointError:
         raise
     except Exception as e:  # safetensors raises its own types for truncated or foreign files
         raise CheckpointError(f"{weights_path}: cannot read weights ({type(e).__name__}: {e})") from None
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{weights_path}: tensor '{name}' holds {bad} NaN/Inf values: these weights would "
+                                  "only produce garbage; use an earlier checkpoint")
+    return weights
 
 
 def load_model_dir(

@@ -20,6 +20,7 @@ import fire
 import torch
 
 from tlm.errors import CheckpointError, ConfigError, TLMError
+from tlm.fileio import disk_full, is_disk_full
 
 log = logging.getLogger("tlm")
 
@@ -48,6 +49,46 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in choices:
         raise ConfigError(f"--dtype must be auto or one of {', '.join(choices)}, got {dtype!r}")
     return choices[dtype]
+
+
+def check_int(flag: str, value: Any, low: int | None = None) -> None:
+    """Refuse a flag value that is not an int (a bool, 1e8, a string) or is below `low`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{flag} must be a whole number, got {value!r}")
+    if low is not None and value < low:
+        raise ConfigError(f"{flag} must be at least {low}, got {value}")
+
+
+def check_number(flag: str, value: Any, low: float | None = None, high: float | None = None,
+                 low_open: bool = False) -> None:
+    """Refuse a flag value that is not a finite number in [low, high] ((low, high] with low_open)."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{flag} must be a finite number, got {value!r}")
+    if (low is not None and (value < low or (low_open and value == low))) or (high is not None and value > high):
+        span = f"{'(' if low_open else '['}{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+        raise ConfigError(f"{flag} must be in {span}, got {value}")
+
+
+def check_context(config: Any, trained: int | None, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a generation longer than the model's context (its KV cache is allocated for all of it); warn past
+    the length it was trained at, naming YaRN, which stretches RoPE to longer contexts."""
+    total = prompt_tokens + max_new_tokens
+    if total > config.max_position_embeddings:
+        raise ConfigError(f"prompt ({prompt_tokens} tokens) + --max-new-tokens ({max_new_tokens}) = {total} exceeds the "
+                          f"model's context of {config.max_position_embeddings} (max_position_embeddings); lower "
+                          "--max-new-tokens")
+    scaling = config.rope_scaling
+    usable = int(scaling["factor"] * scaling["original_max_position_embeddings"]) if scaling else trained
+    if usable and total > usable and config.position_embedding == "rope":
+        if scaling:
+            log.warning("generating up to %d positions, past the %d YaRN stretches this model to: expect worse text",
+                        total, usable)
+        else:
+            log.warning("generating up to %d positions, past the %d this model was trained at: expect worse text; "
+                        "YaRN can stretch RoPE: --rope-scaling yarn:%d:%d", total, usable,
+                        max(2, -(-total // usable)), usable)
 
 
 def _as_list(value: Any) -> list:
@@ -154,17 +195,24 @@ class CLI:
             device: auto (CUDA when available), cpu, cuda, cuda:N.
             dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.
         """
-        from tlm.checkpoint import load_config, load_model_dir
+        from tlm.checkpoint import load_config, load_model_dir, read_model_meta
         from tlm.config import parse_rope_scaling
         from tlm.generate import generate
         from tlm.tokenizer import has_tokenizer, load_tokenizer
 
+        check_int("--max-new-tokens", max_new_tokens, low=1)
+        check_number("--temperature", temperature, low=0.0)
+        check_int("--top-k", top_k, low=0)
+        check_number("--top-p", top_p, low=0.0, high=1.0, low_open=True)
+        check_int("--seed", seed, low=0)
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev)
+        meta = read_model_meta(checkpoint)
         config = load_config(checkpoint)
         changes = {}
         if rope_scaling is not None:
             changes["rope_scaling"] = parse_rope_scaling(rope_scaling)
+            config = config.replace(**changes)
         tokenizer_dir = tokenizer or (checkpoint if has_tokenizer(checkpoint) else None)
         tok = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
 
@@ -186,6 +234,7 @@ class CLI:
             bad = [t for t in ids if not 0 <= t < config.vocab_size]
             if bad:
                 raise ConfigError(f"prompt {i} holds token id {bad[0]} outside the vocabulary (0..{config.vocab_size - 1})")
+        check_context(config, meta.get("trained_seq_len"), max(len(ids) for ids in batch), max_new_tokens)
 
         model = load_model_dir(checkpoint, device=dev, dtype=torch_dtype, **changes)
         generator = torch.Generator(device=dev).manual_seed(seed)
@@ -366,6 +415,7 @@ class CLI:
                 --batch.micro_batch_size=8 --train.backend=fsdp2 --model.num_key_value_heads=1
                 --checkpoint.resume=none --logging.wandb=offline.
         """
+        from tlm.preemption import INTERRUPTED
         from tlm.train import shutdown, train
         from tlm.train_config import load_config
 
@@ -376,7 +426,7 @@ class CLI:
         summary = train(load_config(config, overrides))
         # The checkpoint is written: a late stop signal (srun forwards USR1 to every task) must not turn
         # this clean exit into a crash.
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
         history = summary.pop("history")
         rank0 = int(os.environ.get("RANK", "0")) == 0
@@ -386,6 +436,11 @@ class CLI:
             summary["losses"] = [h["loss"] for h in history if "loss" in h]
             emit(summary)
         shutdown()
+        if summary["stopped"] == INTERRUPTED:
+            if rank0:
+                print(f"tlm: interrupted at step {summary['steps']} of {summary['total_steps']}: checkpoint written to "
+                      f"{summary['checkpoint']}; rerun the same command to resume", file=sys.stderr, flush=True)
+            sys.exit(130)
 
     def ablate(
         self,
@@ -511,6 +566,11 @@ class CLI:
         """
         from tlm.evaluate import evaluate_checkpoint
 
+        check_int("--seq-len", seq_len, low=1)
+        check_int("--batch-size", batch_size, low=1)
+        if max_batches is not None:
+            check_int("--max-batches", max_batches, low=1)
+
         result = evaluate_checkpoint(checkpoint, data, seq_len=seq_len, split=split, batch_size=batch_size,
                                      max_batches=max_batches, device=resolve_device(device), text_field=text_field)
         log.info("%s: loss %.4f, perplexity %.2f over %d tokens", checkpoint, result["loss"], result["perplexity"],
@@ -533,8 +593,49 @@ class CLI:
         emit({"out": str(path), "files": files, "architecture": "LlamaForCausalLM"})
 
 
+def check_command_line(args: list[str]) -> None:
+    """Refuse, before any work, arguments the command would not consume (fire reports them only after the
+    command has run) and values given to switches (`--overwrite extra`)."""
+    if not args or args[0].startswith("-") or not callable(getattr(CLI, args[0], None)):
+        return
+    command, rest = args[0], args[1:]
+    if "--" in rest:  # what follows is for fire itself (--help)
+        rest = rest[: rest.index("--")]
+    import inspect
+
+    try:
+        from fire.core import _MakeParseFn
+
+        (positional, _), _, remaining, _ = _MakeParseFn(getattr(CLI(), command), {})(rest)
+    except Exception:  # fire's own error (e.g. a missing value) is clear enough; let it report
+        return
+    if remaining:
+        hint = f"; did you mean --config {remaining[0]}?" if command == "train" and remaining[0].endswith(".yaml") else ""
+        raise ConfigError(f"tlm {command}: unexpected argument {remaining[0]!r}{hint} (flags take the form --name=value; "
+                          f"see tlm {command} --help)")
+    params = [p for p in inspect.signature(getattr(CLI, command)).parameters.values()
+              if p.name != "self" and p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    for param, value in zip(params, positional):
+        if isinstance(param.default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"--{param.name} is a switch and takes no value (got {value!r}); write --{param.name} "
+                              f"or --no{param.name}")
+
+
+def _report(error: BaseException, line: str) -> None:
+    if os.environ.get("TLM_DEBUG") == "1":
+        import traceback
+
+        traceback.print_exception(error)
+    print(line, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point of `tlm`."""
+    """Console entry point of `tlm`.
+
+    A user error (TLMError: a bad flag, a file that fails its checks, a full disk) is one `tlm: error:` line and
+    exit status 2 (TLM_DEBUG=1 adds the traceback); Ctrl-C outside training is `tlm: interrupted` and 130; a bug
+    shows its traceback.
+    """
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
     # The deepspeed launcher adds --local_rank=N (before the command when run with --module); the rank
@@ -548,9 +649,20 @@ def main(argv: list[str] | None = None) -> None:
     if ("--help" in args or "-h" in args) and "--" not in args:
         args = [a for a in args if a not in ("--help", "-h")] + ["--", "--help"]
     try:
+        check_command_line(args)
         fire.Fire(CLI(), command=args, name="tlm")
     except TLMError as e:
-        print(f"tlm: error: {e}", file=sys.stderr)
+        if e.reported_by_rank0 and os.environ.get("RANK", "0") != "0":
+            sys.exit(2)  # rank 0 says it
+        _report(e, f"tlm: error: {e}")
+        sys.exit(2)
+    except KeyboardInterrupt as e:
+        _report(e, "tlm: interrupted")
+        sys.exit(130)
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        _report(e, f"tlm: error: {disk_full(e, e.filename or Path.cwd())}")
         sys.exit(2)
 
 

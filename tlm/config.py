@@ -132,6 +132,22 @@ class ModelConfig:
         ):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model config key '{key}' must be positive, got {getattr(self, key)}")
+        for key, low, inclusive in (("rms_norm_eps", 0.0, False), ("rope_theta", 0.0, False),
+                                    ("initializer_range", 0.0, True)):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < low or (value == low and not inclusive):
+                raise ConfigError(f"model config key '{key}' must be a finite number {'>=' if inclusive else '>'} {low:g}, "
+                                  f"got {value!r}")
+        if self.max_position_embeddings > MAX_POSITIONS:
+            raise ConfigError(f"model config key 'max_position_embeddings' must be at most {MAX_POSITIONS:,}, "
+                              f"got {self.max_position_embeddings:,}")
+        parameters = estimate_parameters(self)
+        if parameters > MAX_PARAMETERS:  # checked before anything is allocated
+            raise ConfigError(
+                f"this model config describes {parameters:.3g} parameters (num_hidden_layers {self.num_hidden_layers:,} x "
+                f"hidden_size {self.hidden_size:,}, intermediate_size {self.intermediate_size:,}, vocab_size "
+                f"{self.vocab_size:,}), over the {MAX_PARAMETERS:.0e} tlm builds; check those fields"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
@@ -186,6 +202,21 @@ def check_keys(values: dict[str, Any], source: str) -> None:
             raise ConfigError(f"{source}: unknown model config key '{key}'{suggestion}; known keys: {', '.join(known)}")
 
 
+# Bounds checked before a model is built from a config (which may come from a file): far above any model
+# tlm is meant for, low enough that a corrupt or hostile number cannot make it allocate until killed.
+MAX_PARAMETERS = 10**11
+MAX_POSITIONS = 1 << 24
+
+
+def estimate_parameters(config: "ModelConfig") -> int:
+    """Parameters of the model `config` describes, by arithmetic (nothing built)."""
+    h, d = config.hidden_size, config.head_dim or 0
+    attention = h * d * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    mlp = (3 if config.mlp == "swiglu" else 2) * h * (config.intermediate_size or 0)
+    embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+    return embeddings + config.num_hidden_layers * (attention + mlp + 2 * h) + h
+
+
 def default_intermediate_size(hidden_size: int, mlp: str) -> int:
     """SwiGLU: 2/3 of 4*hidden (same parameters as a 4x two-matrix MLP), rounded up to 64. SiLU: 4*hidden."""
     if mlp == "swiglu":
@@ -210,16 +241,21 @@ def validate_rope_scaling(rope_scaling: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"rope_scaling (yarn) needs '{key}'")
     out: dict[str, Any] = {"rope_type": "yarn"}
     out.update({k: v for k, v in rope_scaling.items() if k not in ("rope_type", "type")})
-    if not isinstance(out["factor"], (int, float)) or out["factor"] < 1:
+    if isinstance(out["factor"], bool) or not isinstance(out["factor"], (int, float)) or not math.isfinite(out["factor"]) \
+            or out["factor"] < 1:
         raise ConfigError(f"rope_scaling 'factor' must be a number >= 1, got {out['factor']!r}")
-    if not isinstance(out["original_max_position_embeddings"], int) or out["original_max_position_embeddings"] <= 0:
+    original = out["original_max_position_embeddings"]
+    if isinstance(original, bool) or not isinstance(original, int) or original <= 0:
         raise ConfigError(
             "rope_scaling 'original_max_position_embeddings' must be a positive int (the trained context), "
             f"got {out['original_max_position_embeddings']!r}"
         )
     for key in ("beta_fast", "beta_slow", "attention_factor"):
-        if key in out and out[key] is not None and not isinstance(out[key], (int, float)):
-            raise ConfigError(f"rope_scaling '{key}' must be a number, got {out[key]!r}")
+        if key in out and out[key] is not None and (isinstance(out[key], bool) or not isinstance(out[key], (int, float))
+                                                    or not math.isfinite(out[key]) or out[key] <= 0):
+            raise ConfigError(f"rope_scaling '{key}' must be a finite positive number, got {out[key]!r}")
+    if "truncate" in out and not isinstance(out["truncate"], bool):
+        raise ConfigError(f"rope_scaling 'truncate' must be true or false, got {out['truncate']!r}")
     return out
 
 

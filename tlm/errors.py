@@ -4,6 +4,15 @@
 class TLMError(Exception):
     """Base class: the CLI prints the message and exits with status 2."""
 
+    reported_by_rank0 = False
+    """True when every rank raises the same error and rank 0 alone should print it."""
+
+
+class RankAgreedError(TLMError):
+    """An error rank 0 found and every rank stops on (the other ranks stay quiet)."""
+
+    reported_by_rank0 = True
+
 
 class ConfigError(TLMError, ValueError):
     """A configuration names a key that does not exist, or holds a value that cannot work."""

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from tlm.checkpoint import CONFIG_NAME, load_config, read_weights
 from tlm.config import ModelConfig
 from tlm.errors import ExportError
-from tlm.fileio import atomic_write_json, fsync_path
+from tlm.fileio import atomic_write_json, fsync_path, honour_umask
 from tlm.tokenizer import copy_tokenizer_files, has_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -98,6 +98,7 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, dtype: 
     weights = {hf_name(name): t.to(DTYPES[dtype]).contiguous() for name, t in read_weights(checkpoint, config).items()}
     tmp = out / ".model.safetensors.tmp"
     save_file(weights, str(tmp), metadata={"format": "pt"})
+    honour_umask(tmp)
     fsync_path(tmp)
     os.replace(tmp, out / "model.safetensors")
     if has_tokenizer(checkpoint):

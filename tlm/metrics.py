@@ -16,11 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from tlm.config import ModelConfig
+from tlm.fileio import LineAppender, atomic_write_bytes
+from tlm.schema import NonNegInt, PosInt, Schema, StrictBool, load_json_text, parse
 
 log = logging.getLogger("tlm")
 
@@ -57,18 +60,77 @@ def peak_flops(device_name: str) -> float | None:
 
 
 class MetricsFile:
-    """Appends one JSON object per line; flushed at once so a crash loses nothing already logged."""
+    """Appends one JSON object per line, each written whole (see LineAppender): a crash loses nothing already
+    logged, a full disk tears no line, and a torn last line left by a kill is cut when the run resumes."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "a", encoding="utf-8")
+        self.file = LineAppender(path)
 
     def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        self.file.write_json(record)
 
     def close(self) -> None:
         self.file.close()
+
+
+class MetricsRecord(Schema):
+    """One line of metrics.jsonl as read back: a step, and numbers (or null) for the figures."""
+
+    step: NonNegInt
+    loss: float | None = None
+    val_loss: float | None = None
+    val_ppl: float | None = None
+    val_tokens: NonNegInt | None = None
+    lr: float | None = None
+    tokens_seen: NonNegInt | None = None
+    tokens_per_s: float | None = None
+    config_change: dict[str, Any] | None = None
+
+
+class RunSummary(Schema):
+    """summary.json as read back (by the ablation runner and its report)."""
+
+    steps: NonNegInt
+    total_steps: PosInt
+    complete: StrictBool
+    tokens_seen: NonNegInt = 0
+    num_parameters: NonNegInt | None = None
+    val_loss: float | None = None
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """A run's summary.json, validated."""
+    from tlm.errors import TLMError
+
+    data = load_json_text(path, TLMError)
+    parse(RunSummary, data, str(path), TLMError)
+    return data
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, each validated; a torn last line (a kill while writing) is left out
+    with a warning, a bad line elsewhere is an error naming the line."""
+    from tlm.errors import TLMError
+
+    if not path.is_file():
+        raise TLMError(f"{path} is missing")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        torn = number == len(lines)  # no newline after it
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if torn:
+                log.warning("%s: its last line is torn (a write was interrupted); it is left out", path)
+                continue
+            raise TLMError(f"{path}:{number}: not valid JSON ({e})") from None
+        parse(MetricsRecord, record, f"{path}:{number}", TLMError)
+        records.append(record)
+    return records
 
 
 class WandbLogger:
@@ -99,6 +161,14 @@ class WandbLogger:
             log.warning("wandb logging failed, turning it off: %s", e)
             self.run = None
 
+    def update_config(self, values: dict[str, Any]) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.config.update(values, allow_val_change=True)
+        except Exception as e:
+            log.warning("wandb config update failed: %s", e)
+
     def finish(self) -> None:
         if self.run is not None:
             try:
@@ -111,12 +181,14 @@ def _run_id(run_dir: Path) -> str:
     """A stable wandb run id per run folder, so a resumed run continues the same wandb run."""
     path = run_dir / "wandb_run_id"
     if path.exists():
-        return path.read_text().strip()
+        run_id = path.read_text(encoding="utf-8", errors="replace").strip()
+        if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):
+            return run_id
+        log.warning("%s holds %r, not a wandb run id; a new one is made", path, run_id[:40])
     import uuid
 
     run_id = uuid.uuid4().hex[:12]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(run_id)
+    atomic_write_bytes(path, run_id.encode())
     return run_id
 
 

@@ -1,4 +1,7 @@
-"""Stopping cleanly on request: SIGUSR1 / SIGTERM (Slurm preemption, time limits) or a stop file.
+"""Stopping cleanly on request: SIGUSR1 / SIGTERM (Slurm preemption, time limits), Ctrl-C, or a stop file.
+
+Ctrl-C (SIGINT) is a stop too: the first one finishes the step, writes a checkpoint and the run exits with
+status 130; a second one exits at once (130), without a new checkpoint, the last complete one intact.
 
 Every rank installs the handlers; after each optimizer step the ranks agree (an all-reduce of one flag,
 on a gloo group so that no GPU stream is synchronised) whether any of them was asked to stop, so they all
@@ -23,7 +26,17 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger("tlm")
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+INTERRUPTED = "SIGINT"
+
+
+def _say(line: str) -> None:
+    """One line to stderr from a signal handler (rank 0 only under a launcher: every rank gets the signal)."""
+    if os.environ.get("RANK", "0") == "0":
+        try:
+            os.write(2, (line + "\n").encode())
+        except OSError:
+            pass
 
 
 class StopRequest:
@@ -31,6 +44,7 @@ class StopRequest:
 
     def __init__(self, grace_s: float | None = None) -> None:
         self.reason: str | None = None
+        self.interrupts = 0
         self.grace_s = grace_s
         self._timer: threading.Timer | None = None
         self._previous: dict[int, object] = {}
@@ -60,9 +74,17 @@ class StopRequest:
         self.uninstall()
 
     def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                _say("tlm: interrupted again: stopping now, without a new checkpoint; the last complete checkpoint "
+                     "is intact (rerun the same command to resume from it)")
+                os._exit(130)
         if self.reason is None:
-            self._request(signal.Signals(signum).name)
-            log.warning("%s received: finishing this step, then checkpointing and stopping", self.reason)
+            self._request(name)
+            if signum != signal.SIGINT:  # Ctrl-C gets its one line when the checkpoint is written
+                log.warning("%s received: finishing this step, then checkpointing and stopping", self.reason)
 
     def _request(self, reason: str) -> None:
         self.reason = reason
@@ -76,7 +98,7 @@ class StopRequest:
                   "previous complete checkpoint is intact (train.stop_grace_s)", self.grace_s, self.reason)
         for handler in logging.getLogger("tlm").handlers + logging.getLogger().handlers:
             handler.flush()
-        os._exit(143)
+        os._exit(130 if self.reason == INTERRUPTED else 143)
 
     def agreed(self) -> str | None:
         """The reason to stop if any rank was asked to (a collective: every rank calls it every step)."""

@@ -7,13 +7,13 @@ from those files, or from the conventional names when they are absent.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 from tlm.errors import CheckpointError
+from tlm.schema import Schema, StrictStr, load_json_text, parse
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # Names tried, in order, when tokenizer_config.json does not say which token plays a role.
@@ -52,6 +52,19 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise CheckpointError(f"{file}: cannot load tokenizer ({e})") from None
 
 
+class TokenEntry(Schema):
+    content: StrictStr
+
+
+class SpecialTokensFile(Schema):
+    """tokenizer_config.json / special_tokens_map.json: the special tokens are names (or {"content": name})."""
+
+    bos_token: StrictStr | TokenEntry | None = None
+    eos_token: StrictStr | TokenEntry | None = None
+    pad_token: StrictStr | TokenEntry | None = None
+    unk_token: StrictStr | TokenEntry | None = None
+
+
 def _token_text(value: object) -> str | None:
     # tokenizer_config.json stores a special token as a string or as {"content": ...}.
     if isinstance(value, dict):
@@ -66,10 +79,8 @@ def special_token_ids(path: str | Path, tokenizer: Tokenizer | None = None) -> d
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         file = Path(path) / name
         if file.is_file():
-            try:
-                data = json.loads(file.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+            data = load_json_text(file, CheckpointError)
+            parse(SpecialTokensFile, data, str(file), CheckpointError)
             for role in ("bos", "eos", "pad"):
                 if f"{role}_token" in data:
                     declared.setdefault(role, data[f"{role}_token"])

@@ -21,16 +21,18 @@ import torch.distributed as dist
 
 import tlm
 from tlm import faults
-from data_pipeline.dataset import TokenRows, check_compatible
+from data_pipeline.dataset import TokenRows, check_compatible, check_token_range
 from data_pipeline.stream import TokenStream, make_batch
-from tlm.backends import Backend, DistInfo, convert_to_universal, init_distributed, make_backend
-from tlm.checkpoint import save_model_dir
-from tlm.errors import CheckpointError, ConfigError, TrainingError
-from tlm.fileio import atomic_write_json
+from tlm.backends import Backend, DistInfo, convert_to_universal, from_rank0, init_distributed, make_backend
+from tlm.checkpoint import read_model_meta, save_model_dir
+from tlm.errors import CheckpointError, ConfigError, RankAgreedError, TLMError, TrainingError
+from tlm.fileio import DiskFullError, atomic_write_json, human_bytes, free_bytes
+from tlm.locks import FolderLock
 from tlm.metrics import MetricsFile, WandbLogger, flops_per_token, peak_flops, progress_bar
 from tlm.model import TransformerLM
 from tlm.optim import lr_at
 from tlm.preemption import StopRequest
+from tlm.resume_check import check_config, check_data, diff_lines, model_changes
 from tlm.train_config import TrainConfig
 from tlm.train_data import resolve_data
 from tlm.train_state import (
@@ -120,7 +122,8 @@ def save_checkpoint(run_dir: Path, step: int, backend: Backend, stream: TokenStr
             model.load_state_dict(state, assign=True, strict=False)
             if model_config.tie_word_embeddings:
                 model.lm_head.weight = model.embed_tokens.weight
-            save_model_dir(model, path / "model", tokenizer_dir=tokenizer_dir, extra={"trained_steps": step})
+            save_model_dir(model, path / "model", tokenizer_dir=tokenizer_dir,
+                           extra={"trained_steps": step, "trained_seq_len": config.data.seq_len})
             write_trainer_state(path, {
                 "step": step,
                 "world_size": info.world_size,
@@ -128,6 +131,7 @@ def save_checkpoint(run_dir: Path, step: int, backend: Backend, stream: TokenStr
                 "zero_stage": config.train.zero_stage,
                 "stream": stream.state_dict(),
                 "config": config.to_dict(),
+                "model": model_config.to_dict(),
                 "tlm_version": tlm.__version__,
                 **extra,
             })
@@ -139,8 +143,12 @@ def save_checkpoint(run_dir: Path, step: int, backend: Backend, stream: TokenStr
             shutil.rmtree(path, ignore_errors=True)  # free the space a full disk needs back
         previous = find_resume(run_dir, "auto") if info.is_main else None
         kept = f"the previous checkpoint {previous} is intact" if previous else "there is no previous checkpoint"
-        raise CheckpointError(f"could not write the checkpoint of step {step} in {path}: {e.strerror or e} "
-                              f"({type(e).__name__}, errno {e.errno}); {kept}") from e
+        if isinstance(e, DiskFullError):
+            what = f"{e.what} writing {e.path} ({human_bytes(free_bytes(path))} free there)"
+            then = "; free some space and rerun the same command to resume from it"
+        else:
+            what, then = f"{e.strerror or e} ({type(e).__name__}, errno {e.errno})", ""
+        raise CheckpointError(f"could not write the checkpoint of step {step} in {path}: {what}; {kept}{then}") from e
     if info.is_main:
         prune(run_dir, config.checkpoint.keep_last)
     _barrier()
@@ -162,7 +170,8 @@ def _sample(model_dir: Path, prompt: str, device: torch.device) -> str | None:
 
 
 class Trainer:
-    """One run: set up (data, model, backend, stream, resume, logging), then `run()` it."""
+    """One run: own the run folder, check a resume's config, set up data, model, backend, stream and logging,
+    then `run()` it."""
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
@@ -172,16 +181,64 @@ class Trainer:
         self.seq_len = config.data.seq_len
         self.global_batch = self.micro * self.accumulation * info.world_size
         self.run_dir = config.run_dir
-        if info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._setup_data()
-        self._setup_model_and_resume()
-        self._setup_logging()
+        self.lock = self._own_run_dir()
+        try:
+            self._check_resume()
+            self._setup_data()
+            self._setup_model_and_resume()
+            self._setup_logging()
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Give the run folder up (the process's end does it too, whatever the end)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _own_run_dir(self) -> FolderLock | None:
+        """Rank 0 locks RUN/.lock; every rank learns whether it could, and all stop together if not."""
+        lock, error = None, None
+        if self.info.is_main:
+            try:
+                lock = FolderLock(self.run_dir, "run folder", hint="wait for it to finish, stop it (Ctrl-C or SIGTERM "
+                                  "checkpoint it), or give this run another --logging.run_dir").acquire()
+            except TLMError as e:
+                error = str(e)
+        error = from_rank0(error)
+        if error:
+            raise RankAgreedError(error)
+        return lock
+
+    def _check_resume(self) -> None:
+        """Find the checkpoint to resume and prove this run's config may continue it, before any work."""
+        config, info = self.config, self.info
+        self.resume = find_resume(self.run_dir, config.checkpoint.resume)
+        self.state = state = read_trainer_state(self.resume) if self.resume is not None else None
+        self.change_log: list[dict[str, Any]] = list(state.get("config_changes", [])) if state else []
+        self.changes: dict[str, tuple[Any, Any]] = {}
+        if state is None:
+            return
+        plain = ("single", "ddp")  # one format: a single process resumes DDP's checkpoint and vice versa
+        same = state["backend"] == config.train.backend or {state["backend"], config.train.backend} <= set(plain)
+        if not same or (config.train.backend == "deepspeed" and state["zero_stage"] != config.train.zero_stage):
+            raise CheckpointError(f"{self.resume} was written by backend {state['backend']} (ZeRO {state['zero_stage']}); "
+                                  f"this run uses {config.train.backend} (ZeRO {config.train.zero_stage})")
+        self.saved_model = state.get("model") or read_model_meta(self.resume / "model")["model"]
+        self.changes = check_config(self.resume, state["config"], config.to_dict(), self.saved_model,
+                                    config.model_config().to_dict(), config.checkpoint.allow_change)
+        if self.changes:
+            self.change_log.append({"step": state["step"], "changes": {k: list(v) for k, v in self.changes.items()}})
+            if info.is_main:
+                log.warning("resuming with changed settings (allowed): %s", diff_lines(self.changes))
 
     def _setup_data(self) -> None:
         config, info = self.config, self.info
-        prepared, self.tokenizer_dir = resolve_data(config, info.is_main)
-        self.rows = TokenRows(prepared, "train", verify="sha256" if info.is_main else "size")
+        expect = self.state.get("data") if self.state else None
+        prepared, self.tokenizer_dir = resolve_data(config, info.is_main, expect)
+        verify = "sha256" if info.is_main else "size"
+        self.rows = TokenRows(prepared, "train", verify=verify)
         manifest = self.rows.manifest
         if (manifest["mode"] == "pack") != config.data.pack:
             raise ConfigError(f"data.pack is {config.data.pack} but {prepared} was prepared in {manifest['mode']} mode")
@@ -193,20 +250,31 @@ class Trainer:
 
             tok_sha = tokenizer_sha256(self.tokenizer_dir)
         check_compatible(manifest, self.model_config.vocab_size, self.seq_len, tok_sha, where=str(prepared))
-        self.val_rows = TokenRows(prepared, "val", verify="size") if manifest["splits"]["val"]["rows"] else None
+        self.val_rows = TokenRows(prepared, "val", verify=verify) if manifest["splits"]["val"]["rows"] else None
+        for rows in (self.rows, self.val_rows):  # before step 1: an id past the embedding is a crash on a GPU
+            if rows is not None:
+                check_token_range(rows, self.model_config.vocab_size)
+        self.data_identity = {"fingerprint": manifest["fingerprint"], "tokenizer_sha256": tok_sha,
+                              "prepared": str(prepared), "inputs": manifest.get("inputs")}
+        if self.state is not None:
+            saved = self.state.get("data")
+            changes = None
+            if saved and saved.get("inputs") and manifest.get("inputs"):
+                from data_pipeline.prepare import input_changes
+
+                changes = input_changes(saved["inputs"], manifest["inputs"])
+            check_data(self.resume, saved, manifest["fingerprint"], tok_sha, changes)
+            tokenizer_ids = model_changes(self.saved_model, self.model_config.to_dict(), with_tokenizer_ids=True)
+            if tokenizer_ids:
+                raise CheckpointError(f"cannot resume {self.resume}: {diff_lines(tokenizer_ids)} (from the tokenizer); "
+                                      "the weights were trained with the old ids; start a new run")
         self.total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * len(self.rows) / self.global_batch))
 
     def _setup_model_and_resume(self) -> None:
         config, info = self.config, self.info
-        self.resume = find_resume(self.run_dir, config.checkpoint.resume)
-        self.state = state = read_trainer_state(self.resume) if self.resume is not None else None
+        state = self.state
         load_universal = False
         if state is not None:
-            plain = ("single", "ddp")  # one format: a single process resumes DDP's checkpoint and vice versa
-            same = state["backend"] == config.train.backend or {state["backend"], config.train.backend} <= set(plain)
-            if not same or (config.train.backend == "deepspeed" and state["zero_stage"] != config.train.zero_stage):
-                raise CheckpointError(f"{self.resume} was written by backend {state['backend']} (ZeRO {state['zero_stage']}); "
-                                      f"this run uses {config.train.backend} (ZeRO {config.train.zero_stage})")
             load_universal = (state["world_size"] != info.world_size and config.train.backend == "deepspeed"
                               and config.train.zero_stage > 0)
             if load_universal and info.is_main:
@@ -238,12 +306,16 @@ class Trainer:
                         "fp32; consider --train.precision=fp32", torch.backends.cpu.get_cpu_capability())
         self.flops = flops_per_token(self.model_config, self.seq_len)
         self.peak = peak_flops(torch.cuda.get_device_name(info.device)) if info.device.type == "cuda" else None
+        self.history: list[dict[str, Any]] = []
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl") if info.is_main else None
         self.wandb = WandbLogger(config.logging.wandb, config.logging.wandb_project, config.name, config.to_dict(),
                                  self.run_dir) if info.is_main else None
+        if self.changes:
+            self.record({"step": self.step, "config_change": {k: list(v) for k, v in self.changes.items()}})
+            if info.is_main:
+                self.wandb.update_config({"config_changes": self.change_log})
         self.interactive = info.is_main and config.logging.progress and sys.stderr.isatty()
         self.bar = progress_bar(self.total_steps, self.step, self.interactive)
-        self.history: list[dict[str, Any]] = []
         self.last_eval: dict[str, float] = {}
         if info.is_main:
             log.info("training %s: %s parameters, %d steps of %d sequences x %d tokens (%d ranks x micro %d x "
@@ -274,7 +346,8 @@ class Trainer:
         path = save_checkpoint(self.run_dir, self.step, self.backend, self.stream, self.config, self.model_config,
                                self.tokenizer_dir, self.info,
                                {"tokens_seen": self.tokens_seen, "total_steps": self.total_steps,
-                                "skipped_steps": self.skipped_steps, **self.last_eval})
+                                "skipped_steps": self.skipped_steps, "data": self.data_identity,
+                                "config_changes": self.change_log, **self.last_eval})
         self.last_saved = self.step
         return path
 
@@ -381,6 +454,7 @@ class Trainer:
             engine = getattr(self.backend, "engine", None)
             if engine is not None and hasattr(engine, "destroy"):
                 engine.destroy()
+            self.release()
 
     def _loop(self, stop: StopRequest) -> str | None:
         config = self.config
@@ -419,7 +493,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "stopped": stopped, "backend": self.config.train.backend, "checkpoint": str(final_path),
             "model": str(final_path / "model"), "num_parameters": self.model.num_parameters(),
-            "flops_per_token": self.flops, **self.last_eval,
+            "flops_per_token": self.flops, "config_changes": self.change_log, **self.last_eval,
         }
         logged = [h for h in self.history if "loss" in h]
         if logged:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,10 @@ class CheckpointSection:
     keep_last: int = 2
     resume: str = "auto"
     """auto: the newest complete checkpoint of the run, if any; none: start afresh; or a checkpoint folder."""
+    allow_change: Any = None
+    """Keys a resumed run may change on purpose, comma-separated (e.g. optim.lr,train.max_steps or schedule.*):
+    a resume refuses any change of the saved config (model, data, seq_len and seed never; run length,
+    optimisation and cadence only when named here, and then logged). See tlm/resume_check.py."""
 
 
 @dataclass
@@ -274,7 +279,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path is not None:
         file = Path(path)
         if not file.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
+            raise ConfigError(f"config file '{path}' " + ("is not a regular file" if file.exists() else "does not exist"))
         try:
             tree = yaml.safe_load(file.read_text()) or {}
         except yaml.YAMLError as e:
@@ -311,8 +316,25 @@ def validate(config: TrainConfig) -> None:
                 "optim.lr": config.optim.lr, "train.epochs": t.epochs,
                 "train.stop_grace_s": t.stop_grace_s, "train.max_skipped_steps": t.max_skipped_steps}
     for key, value in positive.items():
-        if value <= 0:
+        if not value > 0 or value == math.inf:  # NaN fails `> 0` too
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    o = config.optim
+    non_negative = {"optim.weight_decay": o.weight_decay, "optim.grad_clip": o.grad_clip, "optim.eps": o.eps,
+                    "schedule.warmup_steps": config.schedule.warmup_steps, "eval.every": config.eval.every,
+                    "checkpoint.every": config.checkpoint.every, "checkpoint.keep_last": config.checkpoint.keep_last,
+                    "data.prefetch": config.data.prefetch, "train.loss_chunk": t.loss_chunk}
+    for key, value in non_negative.items():
+        if not value >= 0 or value == math.inf:
+            raise ConfigError(f"config key '{key}' must be a finite number >= 0, got {value}")
+    if not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1), got {list(o.betas)}")
+    for key, value in (("logging.log_every", config.logging.log_every), ("eval.max_batches", config.eval.max_batches),
+                       ("eval.batch_size", config.eval.batch_size), ("train.stop_at", t.stop_at)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    from tlm.resume_check import allowed_patterns, flatten_config
+
+    allowed_patterns(config.checkpoint.allow_change, set(flatten_config(config.to_dict())))
     if t.max_steps is not None and t.max_steps <= 0:
         raise ConfigError(f"config key 'train.max_steps' must be positive, got {t.max_steps}")
     if config.batch.global_batch_tokens is not None and config.batch.global_batch_size is not None:

@@ -19,19 +19,67 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 
 from tlm.errors import CheckpointError
 from tlm.fileio import atomic_write_bytes, atomic_write_json, fsync_path, sha256_file
+from tlm.schema import (
+    Field, NonNegInt, PosInt, RelativeFile, Schema, Sha256, StrictBool, StrictInt, StrictStr, load_json_text, parse,
+)
 
 log = logging.getLogger("tlm")
 COMPLETE = "COMPLETE"
 TRAINER = "trainer.json"
+STEP_NAME = re.compile(r"step-\d{8}")
+
+
+class StreamState(Schema):
+    consumed_samples: NonNegInt
+    seed: StrictInt
+    shuffle: StrictBool
+    num_rows: PosInt
+    dataset_fingerprint: StrictStr
+
+
+class DataIdentity(Schema):
+    """What the data of a run was: the prepared dataset and the tokenizer, by content."""
+
+    fingerprint: StrictStr
+    tokenizer_sha256: Sha256 | None = None
+    prepared: StrictStr | None = None
+
+
+class TrainerState(Schema):
+    """trainer.json: where a run stands, and the resolved configuration it stands on."""
+
+    step: NonNegInt
+    world_size: PosInt
+    backend: Literal["single", "ddp", "deepspeed", "fsdp2"]
+    zero_stage: Annotated[StrictInt, Field(ge=0, le=3)]
+    stream: StreamState
+    config: dict[str, Any]
+    model: dict[str, Any] | None = None
+    """The resolved ModelConfig the weights were trained with."""
+    data: DataIdentity | None = None
+    config_changes: list[dict[str, Any]] = []
+    tokens_seen: NonNegInt = 0
+    total_steps: PosInt | None = None
+    skipped_steps: NonNegInt = 0
+    val_loss: float | None = None
+    val_ppl: float | None = None
+    val_tokens: NonNegInt | None = None
+
+
+class CompleteManifest(Schema):
+    """COMPLETE: every file of the checkpoint with its size and sha256."""
+
+    files: dict[RelativeFile, Annotated[tuple[NonNegInt, Sha256], Field(strict=False)]]  # a JSON list
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -108,9 +156,9 @@ def verify(path: Path, hashes: bool = True) -> str | None:
         return f"incomplete (no {COMPLETE} marker: interrupted while saving)"
     try:
         text = (path / COMPLETE).read_text()
-        files = json.loads(text)["files"] if text.strip() else None
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-        return f"its {COMPLETE} manifest is unreadable"
+        files = parse(CompleteManifest, json.loads(text), COMPLETE, CheckpointError).files if text.strip() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, CheckpointError) as e:
+        return f"its {COMPLETE} manifest is unreadable ({str(e)[:160]})"
     if files is None:  # written by an older tlm, before manifests: nothing to check against
         return None
     for name, (size, digest) in files.items():
@@ -125,12 +173,24 @@ def verify(path: Path, hashes: bool = True) -> str | None:
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
+    """trainer.json of a complete checkpoint, validated (TrainerState)."""
     if not is_complete(path):
         raise CheckpointError(f"checkpoint '{path}' is incomplete (no {COMPLETE} marker): it was interrupted while saving")
-    try:
-        return json.loads((path / TRAINER).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path / TRAINER}: not valid JSON ({e})") from None
+    fix = "resume from another checkpoint (--checkpoint.resume=PATH) or start afresh (--checkpoint.resume=none)"
+    data = load_json_text(path / TRAINER, CheckpointError, fix)
+    parse(TrainerState, data, str(path / TRAINER), CheckpointError, fix)
+    return data
+
+
+def read_latest(run_dir: Path) -> Path | None:
+    """The checkpoint folder `RUN/checkpoints/latest` names (a plain step-N name, nothing else), if any."""
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+    if not STEP_NAME.fullmatch(name):
+        raise CheckpointError(f"{pointer}: names {name[:40]!r}, not a checkpoint of this run (step-NNNNNNNN)")
+    return run_dir / "checkpoints" / name
 
 
 def find_resume(run_dir: Path, resume: str) -> Path | None:
