@@ -16,4 +16,5 @@ if [ "$NNODES" -gt 1 ]; then
 else
     rdzv=(--standalone --nnodes 1)
 fi
-exec "$TLM_PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc_per_node "$PROCS" -m tlm train "$@"
+# tlm.launch torchrun: torchrun itself, ending quietly (status 130) on Ctrl-C once the ranks have checkpointed.
+exec "$TLM_PYTHON" -m tlm.launch torchrun "${rdzv[@]}" --nproc_per_node "$PROCS" -m tlm train "$@"

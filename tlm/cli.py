@@ -67,8 +67,8 @@ def check_number(flag: str, value: Any, low: float | None = None, high: float | 
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{flag} must be a finite number, got {value!r}")
     if (low is not None and (value < low or (low_open and value == low))) or (high is not None and value > high):
-        span = f"{'(' if low_open else '['}{low:g}, {high:g}]" if high is not None else f">= {low:g}"
-        raise ConfigError(f"{flag} must be in {span}, got {value}")
+        span = f"in {'(' if low_open else '['}{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+        raise ConfigError(f"{flag} must be {span}, got {value}")
 
 
 def check_context(config: Any, trained: int | None, prompt_tokens: int, max_new_tokens: int) -> None:

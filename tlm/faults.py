@@ -5,6 +5,8 @@
     TLM_FAULT="kill_in_save@4:rank0"  SIGKILL rank 0 while it writes the checkpoint of step 4, after the
                                       backend's state and before the COMPLETE marker
     TLM_FAULT="kill@5"                SIGKILL every rank as step 5 begins
+    TLM_FAULT="stall_in_save@any"     sleep 60 s inside every checkpoint write (before COMPLETE): a slow disk,
+                                      for the tests of a second Ctrl-C and of the stop grace period
 
 Items are comma-separated. Nothing here runs in a normal run: `active()` is an empty dict without the
 variable, and each hook is one dictionary lookup.
@@ -17,7 +19,8 @@ import os
 import signal
 
 log = logging.getLogger("tlm")
-KINDS = ("nan", "kill", "kill_in_save")
+KINDS = ("nan", "kill", "kill_in_save", "stall_in_save")
+ANY = -1
 
 
 def active() -> dict[tuple[str, int], int | None]:
@@ -30,17 +33,18 @@ def active() -> dict[tuple[str, int], int | None]:
             step, _, rank = where.partition(":")
             if kind not in KINDS:
                 raise ValueError(f"kind must be one of {KINDS}")
-            faults[(kind, int(step))] = int(rank.removeprefix("rank")) if rank else None
+            faults[(kind, ANY if step == "any" else int(step))] = int(rank.removeprefix("rank")) if rank else None
         except ValueError as e:
-            raise ValueError(f"TLM_FAULT item '{item}': {e} (expected KIND@STEP or KIND@STEP:rankR)") from None
+            raise ValueError(f"TLM_FAULT item '{item}': {e} (expected KIND@STEP, KIND@any or KIND@STEP:rankR)") from None
     return faults
 
 
 def hit(faults: dict[tuple[str, int], int | None], kind: str, step: int, rank: int) -> bool:
     """Whether fault `kind` is set for `step` on this rank."""
-    if (kind, step) not in faults:
+    key = (kind, step) if (kind, step) in faults else (kind, ANY)
+    if key not in faults:
         return False
-    target = faults[(kind, step)]
+    target = faults[key]
     return target is None or target == rank
 
 

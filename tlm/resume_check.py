@@ -57,12 +57,12 @@ def allowed_patterns(value: Any, known: set[str]) -> list[str]:
     items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
     patterns = [item.strip() for item in items if item.strip()]
     for pattern in patterns:
+        if any(fnmatch.fnmatchcase(key, pattern) for key in IDENTITY_KEYS) or pattern.split(".")[0] == "model":
+            raise ConfigError(f"checkpoint.allow_change: '{pattern}' changes what the weights or the data mean and "
+                              f"cannot be changed on resume; {NEW_RUN}")
         if not any(fnmatch.fnmatchcase(key, pattern) for key in known):
             raise ConfigError(f"checkpoint.allow_change: '{pattern}' names no config key (e.g. optim.lr, train.max_steps, "
                               "schedule.*)")
-        if any(fnmatch.fnmatchcase(key, pattern) for key in IDENTITY_KEYS) or pattern.startswith("model"):
-            raise ConfigError(f"checkpoint.allow_change: '{pattern}' changes what the weights or the data mean and "
-                              f"cannot be changed on resume; {NEW_RUN}")
     return patterns
 
 

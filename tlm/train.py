@@ -31,7 +31,7 @@ from tlm.locks import FolderLock
 from tlm.metrics import MetricsFile, WandbLogger, flops_per_token, peak_flops, progress_bar
 from tlm.model import TransformerLM
 from tlm.optim import lr_at
-from tlm.preemption import StopRequest
+from tlm.preemption import INTERRUPTED, StopRequest
 from tlm.resume_check import check_config, check_data, diff_lines, model_changes
 from tlm.train_config import TrainConfig
 from tlm.train_data import resolve_data
@@ -116,6 +116,8 @@ def save_checkpoint(run_dir: Path, step: int, backend: Backend, stream: TokenStr
         state = backend.full_state_dict(path / "backend")
         if faults.hit(faults.active(), "kill_in_save", step, info.rank):
             faults.kill_self(f"while writing the checkpoint of step {step}")
+        if faults.hit(faults.active(), "stall_in_save", step, info.rank):
+            time.sleep(60)
         if info.is_main:
             with torch.device("meta"):
                 model = TransformerLM(model_config)
@@ -480,7 +482,7 @@ class Trainer:
                 self.checkpoint()
             stopped = stop.agreed()
             if stopped:
-                if self.info.is_main:
+                if self.info.is_main and stopped != INTERRUPTED:  # Ctrl-C gets one line from the CLI, at the end
                     log.warning("stopping at step %d (%s); rerun the same command to resume", self.step, stopped)
                 return stopped
         return None
