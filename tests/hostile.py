@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -21,13 +22,23 @@ REPO = Path(__file__).resolve().parent.parent
 DEBUG = REPO / "configs" / "debug.yaml"
 
 
-def cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    """Run `tlm ARGS` here: (exit status, stdout, stderr)."""
-    code = 0
+def call_main(args: list[Any]) -> int:
+    """`tlm ARGS` in this process; its exit status. The signal handlers are put back afterwards (`tlm train`
+    ignores late stop signals once its checkpoint is written, as a process about to exit)."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     try:
         main([str(a) for a in args])
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
+        return e.code if isinstance(e.code, int) else 1
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def cli(args: list[Any], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """Run `tlm ARGS` here: (exit status, stdout, stderr)."""
+    code = call_main(args)
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -11,16 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from hostile import child, cli, refused, train_args
+from hostile import call_main, child, cli, refused, train_args
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, prepared: Path) -> Path:
     """The model folder of a 2-step run at seq_len 64 (its tlm_config.json records the trained length)."""
-    from tlm.cli import main
-
     run_dir = tmp_path_factory.mktemp("hostile-cli") / "run"
-    main([str(a) for a in train_args(prepared, run_dir, **{"train.max_steps": 2})])
+    assert call_main(train_args(prepared, run_dir, **{"train.max_steps": 2})) == 0
     return run_dir / "checkpoints" / "step-00000002" / "model"
 
 

@@ -82,6 +82,18 @@ def test_an_allowed_change_is_logged_everywhere(prepared: Path, stopped: Path, c
     assert trainer["config_changes"] == summary["config_changes"] and trainer["config"]["optim"]["lr"] == 0.002
 
 
+def test_an_allowed_change_reaches_the_wandb_config(prepared: Path, stopped: Path, capsys: pytest.CaptureFixture,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from tlm.metrics import WandbLogger
+
+    sent = []
+    monkeypatch.setattr(WandbLogger, "update_config", lambda self, values: sent.append(values))
+    status, _, err = cli(train_args(prepared, stopped, **{"optim.lr": 0.002, "checkpoint.allow_change": "optim.*"}),
+                         capsys)
+    assert status == 0, err
+    assert sent == [{"config_changes": [{"step": 4, "changes": {"optim.lr": [0.001, 0.002]}}]}]
+
+
 def test_free_keys_change_without_a_word(prepared: Path, stopped: Path, capsys: pytest.CaptureFixture,
                                          caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("WARNING"):

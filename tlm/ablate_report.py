@@ -21,7 +21,7 @@ from tlm.errors import TLMError
 from tlm.fileio import atomic_write_json
 from tlm.generate import kv_cache_bytes
 from tlm.metrics import read_metrics, read_summary
-from tlm.schema import load_json_text
+from tlm.schema import PosInt, Schema, load_json_text, parse
 from tlm.stats import mean, paired_difference, std, welch_difference
 from tlm.train_config import load_config
 from tlm.train_state import read_latest
@@ -100,12 +100,31 @@ def position_probe(model, windows: torch.Tensor) -> float:
     return float(1 - ((predicted - y_test) ** 2).sum() / ((y_test - y_test.mean()) ** 2).sum())
 
 
+class LongContextRow(Schema):
+    length: PosInt
+    windows: PosInt
+    plain: float
+    yarn: float
+
+
+class AnalysisFile(Schema):
+    """analysis.json, as cached beside a run (kept with the report's evidence)."""
+
+    seq_len: PosInt
+    loss_by_position: list[float]
+    position_probe_r2: float | None
+    long_context: list[LongContextRow]
+
+
 def analyse(run_dir: Path, seq_len: int, windows: int = 16) -> dict[str, Any]:
     """analysis.json of a run: loss by position and the position probe at its training length, and
     long-context perplexity at 1, 2, 4, 8 x that length with and without YaRN. Cached next to the run."""
     path = run_dir / "analysis.json"
     if path.is_file():
-        return load_json_text(path, TLMError, "delete it to compute it again from the run's model")
+        fix = "delete it to compute it again from the run's model"
+        data = load_json_text(path, TLMError, fix)
+        parse(AnalysisFile, data, str(path), TLMError, fix)
+        return data
     model_dir = _latest_model(run_dir)
     if model_dir is None:
         return {}

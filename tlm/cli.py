@@ -303,14 +303,18 @@ class CLI:
         from data_pipeline.sources import DocumentReader, resolve_sources
         from data_pipeline.tokenizer import SPECIAL_TOKENS, save_tokenizer, tokenizer_sha256, train_tokenizer
 
+        from tlm.locks import FolderLock
+
         data = str(DEMO_TRAIN) if data is None else data
+        check_int("--vocab-size", vocab_size, low=259)
         if (Path(out) / "tokenizer.json").exists() and not overwrite:
             raise CheckpointError(f"'{out}' already holds a tokenizer; pass --overwrite to replace it")
         reader = DocumentReader(resolve_sources(data), text_field=text_field, sample_by=sample_by, on_error=on_error)
         start = time.perf_counter()
-        trained = train_tokenizer(reader, vocab_size=vocab_size, min_frequency=min_frequency, max_chars=max_chars,
-                                  show_progress=sys.stderr.isatty())
-        save_tokenizer(trained, out)
+        with FolderLock(out, "tokenizer output", hint="wait for that `tlm tokenizer` to finish, or choose another --out"):
+            trained = train_tokenizer(reader, vocab_size=vocab_size, min_frequency=min_frequency, max_chars=max_chars,
+                                      show_progress=sys.stderr.isatty())
+            save_tokenizer(trained, out)
         seconds = time.perf_counter() - start
         if reader.skips.total():
             log.warning("skipped %d records: %s", reader.skips.total(), reader.skips.to_dict()["by_reason"])

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from data_pipeline.dataset import TokenRows, check_compatible, load_manifest
+from data_pipeline.dataset import TokenRows, check_compatible, check_token_range, load_manifest
 from tlm.backends import DistInfo
 from tlm.checkpoint import load_model_dir
 from tlm.errors import CheckpointError
@@ -63,6 +63,7 @@ def evaluate_checkpoint(checkpoint: str, data: Any, seq_len: int = 512, split: s
                                   text_field=text_field), progress=False)
             split = "train"
         rows = TokenRows(folder, split)
+        check_token_range(rows, model.config.vocab_size)
         info = DistInfo(0, 1, 0, device)
         result = evaluate(ModelRunner(model, device), rows, batch_size, max_batches, info)
     return {"loss": result["val_loss"], "perplexity": result["val_ppl"], "tokens": result["val_tokens"],
