@@ -160,11 +160,17 @@ def targeted() -> list[tuple[str, str]]:
             ("both ranks killed as step 5 begins", "kill@5")]
 
 
-def main(trials: int = 10, seed: int = 0, work: str = "fault-work", out: str | None = None) -> list[dict]:
-    """Run the targeted faults and `trials` random kills; print the table; write JSON to `out`."""
+def main(trials: int = 10, seed: int = 0, work: str | None = None, out: str | None = None) -> list[dict]:
+    """Run the targeted faults and `trials` random kills; print the table; write JSON to `out`.
+
+    `work` holds the runs (hundreds of MB of checkpoints); by default a new temporary folder, never the checkout.
+    """
+    import tempfile
+
     rng = random.Random(seed)
-    root = Path(work).resolve()
+    root = Path(work).resolve() if work else Path(tempfile.mkdtemp(prefix="tlm-fault-"))
     root.mkdir(parents=True, exist_ok=True)
+    print(f"runs in {root}", flush=True)
     prepared = prepare_data(root)
     reference = Job(prepared, root / "reference")
     if not reference.summary().get("complete"):
