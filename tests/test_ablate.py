@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tlm.ablate import plan, run_local, slug, studies
-from tlm.ablate_report import _curve, load_run, verdict
+from tlm.ablate import EQUIVALENCE_MARGIN, plan, run_local, slug, studies
+from tlm.ablate_plots import _curve
+from tlm.ablate_report import load_run
+from tlm.ablate_verdicts import verdict
 from tlm.cli import main
 from tlm.train_config import load_config
 
@@ -23,7 +25,7 @@ def test_every_study_is_derived_from_the_base_recipe() -> None:
     assert known["lr"].variants[known["lr"].baseline] == {} and len(known["lr"].variants) == 5
     assert set(known["kv_heads"].variants) == {"kv_heads=1", "kv_heads=2", "kv_heads=4", "kv_heads=8"}
     batch = known["batch"].variants
-    assert batch["batch=32"] == {"batch.global_batch_size": 32, "batch.micro_batch_size": 16, "train.max_steps": 150}
+    assert batch["batch=32"] == {"batch.global_batch_size": 32, "batch.micro_batch_size": 16, "train.max_steps": 450}
     assert known["norm_position"].variants["post lr=0.015"] == {"model.norm_position": "post", "optim.lr": 0.015}
 
 
@@ -53,7 +55,8 @@ def test_micro_scale_run_then_report_reads_the_metrics(tmp_path: Path, prepared:
                                                        capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "ablations"
     args = ["ablate", "norm", "--seeds", "1", "--out", str(out), f"--data.prepared={prepared}", "--data.seq_len=64",
-            "--train.max_steps=4", "--eval.every=2", "--eval.max_batches=2"]
+            "--train.max_steps=4", "--eval.every=2", "--eval.max_batches=2", "--train.compile=false",
+            "--train.precision=fp32"]
     main(args)
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     report = Path(figures["report"])
@@ -84,35 +87,64 @@ def test_micro_scale_run_then_report_reads_the_metrics(tmp_path: Path, prepared:
 
 
 def run(finals: list[float], start: float = 8.0, nan: bool = False) -> list[dict]:
-    return [{"dir": Path("x"), "final_val": f, "train": [{"loss": math.nan if nan else f, "tokens_seen": 1}],
-             "val": [{"val_loss": start, "tokens_seen": 0}, {"val_loss": f, "tokens_seen": 1}]} for f in finals]
+    return [{"dir": Path("x"), "seed": seed, "final_val": f, "train": [{"loss": math.nan if nan else f, "tokens_seen": 1}],
+             "val": [{"val_loss": start, "tokens_seen": 0}, {"val_loss": f, "tokens_seen": 1}]}
+            for seed, f in enumerate(finals)]
 
 
-def test_verdicts_on_known_numbers() -> None:
+def test_verdicts_follow_the_stated_rules() -> None:
     known = studies(load_config(REPO / "configs" / "ablations" / "cpu.yaml"))
     norm = known["norm"]
-    assert verdict(norm, {"rmsnorm": run([5.0, 5.1]), "none": run([5.5, 5.65])}, {})[0] == "reproduced"
-    assert verdict(norm, {"rmsnorm": run([5.0, 5.1]), "none": run([4.5, 4.65])}, {})[0] == "not reproduced"
-    assert verdict(norm, {"rmsnorm": run([5.0, 5.1]), "none": run([5.5, 5.0])}, {})[0] == "inconclusive"
+    assert verdict(norm, {"rmsnorm": run([5.0, 5.1, 5.2]), "none": run([5.5, 5.65, 5.7])}, {})[0] == "reproduced"
+    assert verdict(norm, {"rmsnorm": run([5.0, 5.1, 5.2]), "none": run([4.5, 4.65, 4.7])}, {})[0] == "not reproduced"
+    assert verdict(norm, {"rmsnorm": run([5.0, 5.1, 5.2]), "none": run([5.5, 5.0, 5.1])}, {})[0] == "inconclusive"
     assert verdict(norm, {"rmsnorm": [], "none": run([5.0])}, {})[0] == "no data"
-    kv = known["kv_heads"]
-    same = {"kv_heads=8": run([5.0, 5.1]), "kv_heads=1": run([5.01, 5.11]), "kv_heads=2": run([5.0, 5.1])}
+    # Paired by seed: a missing seed drops its pair, it does not shift the others.
+    partial = {"rmsnorm": run([5.0, 5.1, 5.2]), "none": [r for r in run([5.5, 9.9, 5.7]) if r["seed"] != 1]}
+    assert "+0.5000" in verdict(norm, partial, {})[1][0]
+
+    kv = studies(load_config(REPO / "configs" / "ablations" / "cpu.yaml"))["kv_heads"]
+    m = EQUIVALENCE_MARGIN
+    same = {"kv_heads=8": run([5.0, 5.1, 5.2]), "kv_heads=1": run([5.01, 5.11, 5.20]), "kv_heads=2": run([5.0, 5.1, 5.2])}
     assert verdict(kv, same, {})[0] == "reproduced"
-    worse = {**same, "kv_heads=1": run([5.3, 5.4])}
+    better = {**same, "kv_heads=1": run([5.0 - 3 * m, 5.1 - 3 * m, 5.2 - 3 * m - 0.001])}
+    label, lines = verdict(kv, better, {})
+    assert label == "reproduced" and "better" in lines[0]  # fewer heads clearly better: no degradation
+    worse = {**same, "kv_heads=1": run([5.3, 5.4, 5.5])}
     assert verdict(kv, worse, {})[0] == "not reproduced"
+    noisy = {**same, "kv_heads=1": run([5.0, 5.2, 5.1])}
+    assert verdict(kv, noisy, {})[0] == "inconclusive"
+
     lr = known["lr"]
-    sweep = {v: run([5.0 + i * 0.1, 5.05 + i * 0.1]) for i, v in enumerate(lr.variants)}
+    sweep = {v: run([5.0 + i * 0.1, 5.05 + i * 0.1, 5.1 + i * 0.1]) for i, v in enumerate(lr.variants)}
     label, lines = verdict(lr, sweep, {})
-    assert label == "not reproduced" and "best: lr=0.0006" in lines[0]
+    assert label == "not reproduced" and lines[0] == "beaten by lr=0.0006, lr=0.0015"
+    valley = {v: run([5.5, 5.6, 5.7]) for v in lr.variants}
+    valley[lr.baseline] = run([5.0, 5.1, 5.2])
+    assert verdict(lr, valley, {})[0] == "reproduced"
+    valley["lr=0.0015"] = run([5.0, 5.2, 5.1])
+    assert verdict(lr, valley, {})[:1] == ("inconclusive",)
+
     stability = known["norm_position"]
-    groups = {v: run([5.0, 5.0]) for v in stability.variants}
-    groups["post lr=0.015"] = run([8.0, 7.9])  # post-norm at 5x makes no progress
-    groups["post lr=0.003"] = run([math.nan, 5.0], nan=True)  # and diverges at 1x in one seed
-    label, lines = verdict(stability, groups, {})
+    unigram = 6.6
+    groups = {v: run([5.0, 5.0, 5.1]) for v in stability.variants}
+    groups["post lr=0.015"] = run([6.58, 6.57, 6.59])  # post-norm at 5x sits on the unigram plateau
+    groups["post lr=0.003"] = run([math.nan, 5.0, 5.0], nan=True)  # and diverges at 1x in one seed
+    label, lines = verdict(stability, groups, {}, unigram)
     assert label == "reproduced" and "pre-norm 0.015, post-norm 0.0006" in lines[0]
+    groups["post lr=0.003"] = run([6.2, 6.3, 6.0])  # below the unigram loss, but by less than the margin
+    assert verdict(stability, groups, {}, unigram)[0] == "reproduced"
+    groups["post lr=0.015"] = run([5.0, 5.0, 5.1])
+    assert verdict(stability, groups, {}, unigram)[0] == "not reproduced"
+    assert verdict(stability, groups, {})[0] == "no data"
+
     yarn = known["yarn"]
-    rows = [{"seq_len": 128, "long_context": [{"length": 256, "plain": 6.0, "yarn": 5.0, "windows": 4}]}]
-    assert verdict(yarn, {"base": run([5.0])}, {"base": rows})[0] == "reproduced"
+    rows = [{"seq_len": 128, "long_context": [{"length": 256, "plain": 6.0 + s, "yarn": 5.0 + s, "windows": 4},
+                                              {"length": 2048, "plain": 7.0 + s, "yarn": 6.5 + s, "windows": 4}]}
+            for s in (0.0, 0.1, 0.2)]
+    assert verdict(yarn, {"base": run([5.0, 5.1, 5.2])}, {"base": rows})[0] == "reproduced"
+    rows[1]["long_context"][1]["yarn"] = 9.0
+    assert verdict(yarn, {"base": run([5.0, 5.1, 5.2])}, {"base": rows})[0] == "inconclusive"
 
 
 def test_a_run_trained_twice_counts_each_step_once(tmp_path: Path) -> None:

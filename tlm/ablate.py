@@ -26,7 +26,31 @@ LR_MULTIPLIERS = (0.2, 0.5, 1, 2, 5)
 STABILITY_MULTIPLIERS = (0.2, 1, 5)
 BATCH_MULTIPLIERS = (0.5, 1, 2)
 KV_HEADS = (1, 2, 4, 8)
-EQUIVALENCE_MARGIN = 0.05  # nats of validation loss: "no loss in perplexity" means within this
+# The decision rules, fixed before the runs they judge (each is printed under its study in the report).
+EQUIVALENCE_MARGIN = 0.05  # nats of validation loss: "no loss in perplexity" means within this (~5% perplexity)
+TRAINS_MARGIN = 0.5  # nats: a run "trains" when its final validation loss is this far below the unigram loss
+POSITION_PROBE_R2 = 0.5  # a model "infers position" when a linear probe of some layer reaches this held-out R^2
+YARN_FACTORS = (2, 4, 8, 16)  # long-context evaluation at these multiples of the trained length
+
+RULES = {
+    "better": "the variant minus the baseline, paired over seeds: reproduced when the 95% CI of the difference in "
+              "final validation loss lies above 0, not reproduced when below 0, inconclusive when it contains 0",
+    "sweep": "for every other grid point, its final validation loss minus the baseline's, paired over seeds: reproduced "
+             "when every 95% CI lies above 0 (the baseline beats each), not reproduced when some CI lies below 0 (a "
+             "grid point beats it), inconclusive otherwise",
+    "equivalent": f"two one-sided tests (TOST, 5% each) of each KV-head count against the baseline's: the 90% CI of the "
+                  f"paired difference inside +-{EQUIVALENCE_MARGIN} nats is equivalent, entirely above "
+                  f"+{EQUIVALENCE_MARGIN} is worse, entirely below -{EQUIVALENCE_MARGIN} better; reproduced when none is "
+                  "worse or undecided, not reproduced when one is worse, inconclusive otherwise",
+    "stability": f"a run trains when its final validation loss is finite and at least {TRAINS_MARGIN} nats below the "
+                 "unigram loss of the validation split (predicting every token by its training frequency; a stalled "
+                 "run sits on it); for pre- and post-norm, the highest rate of the grid at which every seed trains; "
+                 "reproduced when pre-norm's is at least 5x post-norm's, not reproduced when lower, inconclusive when "
+                 "either trains at no rate",
+    "yarn": f"at each of {', '.join(f'{f}x' for f in YARN_FACTORS)} the trained length (YaRN factor = that multiple), "
+            "YaRN's loss minus plain RoPE's, paired over seeds: reproduced when every 95% CI lies below 0, not "
+            "reproduced when one lies above 0, inconclusive otherwise",
+}
 
 
 @dataclass
@@ -39,6 +63,10 @@ class Study:
     kind: str
     baseline: str
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def rule(self) -> str:
+        return RULES[self.kind]
 
 
 def _number(value: float) -> str:
@@ -69,9 +97,9 @@ def studies(base: TrainConfig) -> dict[str, Study]:
     kv = {f"kv_heads={k}": ({} if k == base.model_config().num_key_value_heads else {"model.num_key_value_heads": k})
           for k in KV_HEADS if heads % k == 0 and k <= heads}
     return {
-        "lr": Study("lr", "1. Learning rate", "the baseline learning rate is (near) the best of the sweep", "sweep",
+        "lr": Study("lr", "1. Learning rate", "no learning rate of the sweep beats the baseline's", "sweep",
                     f"lr={_number(lr)}", lr_variants),
-        "batch": Study("batch", "2. Batch size", "the baseline batch size is (near) the best of the sweep at equal tokens",
+        "batch": Study("batch", "2. Batch size", "no batch size of the sweep beats the baseline's at equal tokens",
                        "sweep", f"batch={batch}", batch_variants),
         "norm": Study("norm", "3. RMSNorm vs no normalisation",
                       "RMSNorm converges to a lower loss than no normalisation", "better", "rmsnorm",
@@ -89,7 +117,8 @@ def studies(base: TrainConfig) -> dict[str, Study]:
                           f"(within {EQUIVALENCE_MARGIN} nats of {heads} heads)", "equivalent",
                           f"kv_heads={heads}", kv),
         "yarn": Study("yarn", "8. YaRN at inference",
-                      "YaRN lets a model trained at the base length keep its perplexity at 2-8x that length",
+                      "YaRN lets a model trained at the base length keep its perplexity at 2-16x that length "
+                      "(the original uses factor 16)",
                       "yarn", "base", {"base": {}}),
     }
 
@@ -134,6 +163,49 @@ def is_complete(run_dir: Path) -> bool:
 
     summary = run_dir / "summary.json"
     return summary.is_file() and read_summary(summary)["complete"]
+
+
+UNIGRAM = "unigram.json"
+
+
+def unigram_reference(scale: str, out: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """OUT/unigram.json: the loss of predicting every validation token by its training-set frequency (add-one
+    smoothed): the plateau a model that ignores its context sits on, for the stability rule. Computed once from
+    the base recipe's prepared data and kept with the runs."""
+    import json
+
+    import numpy as np
+
+    from data_pipeline.dataset import TokenRows
+    from tlm.fileio import atomic_write_json
+    from tlm.train_data import resolve_data
+
+    path = out / UNIGRAM
+    if path.is_file():
+        return json.loads(path.read_text())
+    config = load_config(base_config_path(scale), extra)
+    prepared, _ = resolve_data(config, True)
+
+    def targets(split: str):
+        rows = TokenRows(prepared, split, verify="size")
+        for start in range(0, len(rows), 4096):
+            block, _ = rows.gather(np.arange(start, min(start + 4096, len(rows))))
+            yield block[:, 1:].reshape(-1)
+
+    vocab = config.model_config().vocab_size
+    counts = np.zeros(vocab, dtype=np.int64)
+    for ids in targets("train"):
+        counts += np.bincount(ids, minlength=vocab)
+    logp = np.log(counts + 1) - np.log(counts.sum() + vocab)
+    total, tokens = 0.0, 0
+    for ids in targets("val"):
+        total -= float(logp[ids].sum())
+        tokens += len(ids)
+    result = {"unigram_loss": total / tokens, "train_tokens": int(counts.sum()), "val_tokens": tokens,
+              "vocab_size": vocab, "smoothing": "add-one"}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, result)
+    return result
 
 
 def run_local(runs: list[dict[str, Any]], scale: str, out: Path) -> list[str]:

@@ -450,7 +450,7 @@ class CLI:
         self,
         study: str,
         scale: str = "cpu",
-        seeds: int = 2,
+        seeds: int = 3,
         out: str | None = None,
         report: str | None = None,
         slurm: bool = False,
@@ -473,7 +473,7 @@ class CLI:
             sbatch_args: extra sbatch flags with --slurm, e.g. "--partition=gpu --gpus-per-node=1".
             overrides: --section.key=value applied to every run, e.g. --data.source=corpus.jsonl.
         """
-        from tlm.ablate import plan, resolve_studies, run_local, submit_slurm
+        from tlm.ablate import plan, resolve_studies, run_local, submit_slurm, unigram_reference
         from tlm.ablate_report import write_report
 
         out_dir = Path(out or f"runs/ablations/{scale}")
@@ -482,6 +482,8 @@ class CLI:
         trained: list[str] = []
         if study != "report":
             runs = plan(names, scale, seeds, overrides)
+            if "norm_position" in names:
+                unigram_reference(scale, out_dir, overrides)
             if slurm:
                 job = submit_slurm(runs, scale, out_dir, sbatch_args)
                 log.info("submitted job array %s (%d runs); then: tlm ablate report --scale %s --out %s", job or "-",

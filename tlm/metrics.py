@@ -81,6 +81,7 @@ class MetricsRecord(Schema):
     val_loss: float | None = None
     val_ppl: float | None = None
     val_tokens: NonNegInt | None = None
+    val_loss_se: float | None = None
     lr: float | None = None
     tokens_seen: NonNegInt | None = None
     tokens_per_s: float | None = None

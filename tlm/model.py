@@ -175,19 +175,30 @@ class TransformerLM(nn.Module):
     def reset_parameters(self) -> None:
         """Initialise all weights.
 
-        Every matrix is N(0, initializer_range = 0.02), as GPT-2 and Llama do: small enough that the
-        first logits are nearly uniform (loss ~ ln(vocab)) and attention starts close to averaging.
+        Pre-norm (Llama): every matrix is N(0, initializer_range = 0.02), as GPT-2 and Llama do: small enough
+        that the first logits are nearly uniform (loss ~ ln(vocab)) and attention starts close to averaging.
         The two projections that write into the residual stream (o_proj, down_proj) get
-        std / sqrt(2 * num_hidden_layers) (GPT-2's scaled init): each block adds two such terms, so
-        this keeps the residual stream's variance at the start independent of depth. Norm weights
-        start at 1 (identity scaling).
+        std / sqrt(2 * num_hidden_layers) (GPT-2's scaled init): each block adds two such terms, so this keeps
+        the residual stream's variance at the start independent of depth.
+
+        Post-norm: the residual stream is renormalised to unit scale after every sublayer, so a sublayer only
+        matters if its output is of that scale too: the projections get LeCun's N(0, 1 / fan_in), the scale of
+        the original Transformer's (and torch.nn.TransformerEncoderLayer's) init, and no depth scaling. With
+        Llama's 0.02 instead, each block starts as the identity plus ~1e-3, and a post-norm model with tied
+        embeddings stayed on the unigram plateau at every learning rate where torch's own post-LN layers train
+        (docs/ablations/cpu/postln.md). The embedding keeps std initializer_range (logits start near uniform).
+        Norm weights start at 1 (identity scaling).
         """
         std = self.config.initializer_range
+        post = self.config.norm_position == "post"
         residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                scaled = name.endswith(("o_proj", "down_proj"))
-                nn.init.normal_(module.weight, mean=0.0, std=residual_std if scaled else std)
+                if post and module is not self.lm_head:
+                    nn.init.normal_(module.weight, mean=0.0, std=module.in_features ** -0.5)
+                else:
+                    scaled = name.endswith(("o_proj", "down_proj"))
+                    nn.init.normal_(module.weight, mean=0.0, std=residual_std if scaled else std)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, (RMSNorm, nn.LayerNorm)):

@@ -28,7 +28,7 @@ FREE_KEYS = (
     "checkpoint.keep_last",  # how many old checkpoints stay on disk: no figure depends on it
     "logging.run_dir", "logging.progress", "logging.wandb", "logging.wandb_project", "logging.sample_prompt",
     "data.prefetch", "data.cache_dir", "data.prepared", "data.source", "data.val_source", "data.tokenizer",
-    "data.vocab_size",  # these name or make the data; the data itself is compared by content
+    "data.vocab_size", "data.val_fraction",  # these name or make the data; the data itself is compared by content
     "train.backend", "train.zero_stage",  # checked by the backend rules (a change of backend is refused there)
 )
 TOKENIZER_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")

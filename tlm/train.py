@@ -71,7 +71,8 @@ def evaluate(backend: Backend, rows: TokenRows, batch_size: int, max_batches: in
     total = len(rows) if max_batches is None else min(len(rows), max_batches * batch_size * world)
     mine = np.arange(rank, total, world, dtype=np.int64)
     steps = math.ceil(math.ceil(total / world) / batch_size)
-    sums = torch.zeros(2, dtype=torch.float64, device=info.device)
+    # loss sum, tokens; and over full batches their mean losses' sum, sum of squares and count (for the SE)
+    sums = torch.zeros(5, dtype=torch.float64, device=info.device)
     backend.train_mode(False)
     for i in range(steps):
         indices = mine[i * batch_size : (i + 1) * batch_size]
@@ -79,12 +80,22 @@ def evaluate(backend: Backend, rows: TokenRows, batch_size: int, max_batches: in
         batch = make_batch(rows, indices if len(indices) else np.zeros(1, dtype=np.int64))
         batch = {k: v.to(info.device) for k, v in batch.items()}
         mask = batch.get("loss_mask")
-        sums[0] += weight * backend.loss_sum(batch).double()
-        sums[1] += weight * (mask.sum() if mask is not None else batch["labels"].numel())
+        loss_sum = weight * backend.loss_sum(batch).double()
+        tokens = weight * (mask.sum() if mask is not None else batch["labels"].numel())
+        sums[0] += loss_sum
+        sums[1] += tokens
+        if len(indices) == batch_size:
+            batch_mean = loss_sum / tokens
+            sums[2:] += torch.stack([batch_mean, batch_mean**2, torch.ones_like(batch_mean)])
     backend.train_mode(True)
     _all_reduce(sums)
     loss = (sums[0] / sums[1]).item()
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(sums[1].item())}
+    result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(sums[1].item())}
+    n = sums[4].item()
+    if n >= 2:  # the standard error of the mean over batches (batches of neighbouring rows: a lower bound)
+        variance = max(0.0, (sums[3].item() - sums[2].item() ** 2 / n) / (n - 1))
+        result["val_loss_se"] = math.sqrt(variance / n)
+    return result
 
 
 def _model_config(config: TrainConfig, tokenizer_dir: Path | None):
@@ -176,6 +187,7 @@ class Trainer:
     then `run()` it."""
 
     def __init__(self, config: TrainConfig) -> None:
+        self.started = time.perf_counter()
         self.config = config
         self.info = info = init_distributed(config)
         self.accumulation = config.micro_steps(info.world_size)
@@ -334,11 +346,12 @@ class Trainer:
             self.wandb.log({k: v for k, v in values.items() if k != "step"}, step=values["step"])
         self.history.append(values)
 
-    def run_eval(self) -> None:
+    def run_eval(self, final: bool = False) -> None:
         if self.val_rows is None:
             return
+        max_batches = None if final and self.config.eval.final_full else self.config.eval.max_batches
         self.last_eval = evaluate(self.backend, self.val_rows, self.config.eval.batch_size or self.micro,
-                                  self.config.eval.max_batches, self.info)
+                                  max_batches, self.info)
         self.record({"step": self.step, **self.last_eval, "tokens_seen": self.tokens_seen})
         if self.info.is_main and not self.interactive:
             log.info("step %d: val loss %.4f, perplexity %.2f", self.step, self.last_eval["val_loss"],
@@ -439,11 +452,12 @@ class Trainer:
             if self.state is not None and self.step == self.state["step"]:
                 if info.is_main:
                     log.info("%s is already at step %d; nothing to train", self.run_dir, self.step)
-                self.last_eval = {k: self.state[k] for k in ("val_loss", "val_ppl", "val_tokens") if k in self.state}
+                self.last_eval = {k: self.state[k] for k in ("val_loss", "val_ppl", "val_tokens", "val_loss_se")
+                                  if k in self.state}
                 final_path = self.resume
             else:
                 if self.step == self.total_steps and not stopped:
-                    self.run_eval()
+                    self.run_eval(final=True)
                 final_path = self.checkpoint() if self.last_saved != self.step else checkpoint_dir(self.run_dir, self.step)
             return self._summary(final_path, stopped)
         finally:
@@ -496,6 +510,7 @@ class Trainer:
             "stopped": stopped, "backend": self.config.train.backend, "checkpoint": str(final_path),
             "model": str(final_path / "model"), "num_parameters": self.model.num_parameters(),
             "flops_per_token": self.flops, "config_changes": self.change_log, **self.last_eval,
+            "wall_seconds": round(time.perf_counter() - self.started, 1), "threads": torch.get_num_threads(),
         }
         logged = [h for h in self.history if "loss" in h]
         if logged:

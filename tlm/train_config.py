@@ -37,6 +37,10 @@ class DataSection:
     """Validation text for `source`; None with the bundled corpus = its held-out books."""
     tokenizer: str | None = None
     """Tokenizer folder; None = trained on `source` on first use under `cache_dir`."""
+    val_fraction: float | None = None
+    """Hold out this fraction of `source`'s documents for validation (chosen by a seeded hash of each document).
+    None: `val_source`; with the bundled corpus its separate held-out books. A given `val_source` or a
+    `prepared` folder (which has its own split) takes precedence."""
     vocab_size: int = 6400
     """Vocabulary of a tokenizer trained on first use."""
     cache_dir: str = "runs/cache"
@@ -120,6 +124,9 @@ class EvalSection:
     """Batches per validation pass (None = the whole split)."""
     batch_size: int | None = None
     """Sequences per rank per validation batch (None = micro_batch_size)."""
+    final_full: bool = False
+    """Evaluate the whole validation split after the last step (max_batches then applies to the evaluations
+    during training only): the final loss of a study, with its standard error across batches."""
 
 
 @dataclass
@@ -342,5 +349,7 @@ def validate(config: TrainConfig) -> None:
     config.micro_steps(1)  # divisibility for one rank; the world size is checked at launch
     if not 0 <= config.schedule.min_lr_ratio <= 1 or not 0 < config.schedule.decay_fraction <= 1:
         raise ConfigError("schedule.min_lr_ratio must be in [0, 1] and schedule.decay_fraction in (0, 1]")
+    if config.data.val_fraction is not None and not 0 < config.data.val_fraction < 1:
+        raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {config.data.val_fraction}")
     if config.data.prepared is not None and config.data.source is not None:
         raise ConfigError("set data.prepared (a prepared folder) or data.source (raw text), not both")

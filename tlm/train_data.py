@@ -71,7 +71,8 @@ def resolve_data(config: TrainConfig, is_main: bool, expect: dict[str, Any] | No
     from data_pipeline.sources import resolve_sources
 
     source = data.source if data.source is not None else str(DEMO_TRAIN)
-    val_source = data.val_source if data.val_source is not None else (str(DEMO_VAL) if data.source is None else None)
+    val_source = data.val_source if data.val_source is not None else (
+        str(DEMO_VAL) if data.source is None and data.val_fraction is None else None)
     cache = Path(data.cache_dir)
     train_sources = resolve_sources(_as_list(source))
     val_sources = resolve_sources(_as_list(val_source)) if val_source is not None else []
@@ -96,8 +97,9 @@ def resolve_data(config: TrainConfig, is_main: bool, expect: dict[str, Any] | No
     from data_pipeline.tokenizer import tokenizer_sha256
 
     vals = None if val_source is None else _as_list(val_source)
+    held_out = 0.0 if vals else (data.val_fraction if data.val_fraction is not None else 0.01)  # val_source first
     prepare_config = PrepareConfig(data=_as_list(source), tokenizer=str(tokenizer), out="", seq_len=data.seq_len,
-                                   pack=data.pack, val=0.0 if vals else 0.01, val_data=vals)
+                                   pack=data.pack, val=held_out, val_data=vals)
     if is_main:
         described = describe_inputs(prepare_config, train_sources + val_sources, tokenizer_sha256(tokenizer),
                                     [d["sha256"] for d in digests])

@@ -74,6 +74,7 @@ class TrainerState(Schema):
     val_loss: float | None = None
     val_ppl: float | None = None
     val_tokens: NonNegInt | None = None
+    val_loss_se: float | None = None
 
 
 class CompleteManifest(Schema):
