@@ -6,6 +6,8 @@
 # that one slow part cannot eat the others' time.
 #
 #   mkdir -p .whl && cp <gpu-wheels>/*.whl .whl/ && scripts/gpu_check.sh
+#   ABLATE_TIMEOUT=300 ABLATE_DATA=corpus/gutenberg-train.jsonl.xz ABLATE_VAL=corpus/gutenberg-val.jsonl scripts/gpu_check.sh
+#       (part 4: `tlm ablate all --scale h200` for that many seconds, continuing the runs committed before)
 set -uo pipefail
 OUT=${OUT:-gpu-run}
 mkdir -p "$OUT"
@@ -37,5 +39,13 @@ if [ -d .minimind/model ]; then
     timeout "${MINIMIND_TIMEOUT:-150}" python3 benchmarks/minimind_step.py --minimind_dir .minimind --batch 32 \
         --seq_len 512 --steps 20 --warmup 5 --out "$OUT/minimind.json" | tail -n 1 >/dev/null
     echo "minimind exit: ${PIPESTATUS[0]}"
+fi
+if [ "${ABLATE_TIMEOUT:-0}" -gt 0 ] && [ -n "${ABLATE_DATA:-}" ]; then
+    echo "== 4. H200 ablations for the minutes left (finished runs are skipped: runs accumulate across GPU sessions)"
+    # Copy back $OUT/ablations/h200/runs/*/{metrics.jsonl,summary.json} into docs/ablations/h200/runs/ and commit.
+    mkdir -p "$OUT/ablations/h200/runs" && cp -r docs/ablations/h200/runs/. "$OUT/ablations/h200/runs/" 2>/dev/null
+    timeout "$ABLATE_TIMEOUT" python3 -m tlm ablate all --scale h200 --seeds 3 --out "$OUT/ablations/h200" \
+        --data.source="$ABLATE_DATA" ${ABLATE_VAL:+--data.val_source="$ABLATE_VAL"} --checkpoint.every=50 | tail -n 1
+    echo "ablate exit: ${PIPESTATUS[0]}"
 fi
 echo "== done $(date -u +%Y-%m-%dT%H:%M:%SZ)"

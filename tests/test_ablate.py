@@ -159,3 +159,27 @@ def test_a_run_trained_twice_counts_each_step_once(tmp_path: Path) -> None:
     assert [(r["step"], r["loss"]) for r in loaded["train"]] == [(10, 7.5), (20, 7.0)]
     assert [(r["step"], r["val_loss"]) for r in loaded["val"]] == [(0, 9.1), (20, 6.9)]
     assert loaded["final_val"] == 6.9
+
+
+def test_the_committed_report_regenerates_exactly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The files committed beside docs/ablations/cpu/report.md (every run's metrics, summary and analysis, and
+    unigram.json) reproduce it to the byte: no training, no model needed."""
+    import re
+
+    committed = REPO / "docs" / "ablations" / "cpu"
+    seeds = int(re.search(r"up to (\d+) seeds", (committed / "report.md").read_text()).group(1))
+    assert len(list((committed / "runs").glob("*/metrics.jsonl"))) >= 40
+    main(["ablate", "report", "--scale", "cpu", "--seeds", str(seeds), "--out", str(committed), "--report", str(tmp_path)])
+    capsys.readouterr()
+    assert (tmp_path / "report.md").read_text() == (committed / "report.md").read_text()
+
+
+def test_the_post_norm_comparison_regenerates_exactly(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("postln_reference", REPO / "scripts" / "postln_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert len(list(module.CURVES.glob("*.jsonl"))) == len(module.GRID)
+    path = module.report(tmp_path)
+    assert path.read_text() == (REPO / "docs" / "ablations" / "cpu" / "postln.md").read_text()

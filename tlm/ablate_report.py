@@ -127,13 +127,16 @@ def _overview(base, runs: dict[str, dict], planned: int, unigram: dict | None) -
     """Compute, tokens, and how evaluation noise compares with seed noise."""
     if not runs:
         return [f"No runs yet ({planned} planned).", ""]
-    seconds = sum(r["summary"].get("wall_seconds", 0) * r["summary"].get("threads", 1) for r in runs.values())
+    # The process's CPU time where recorded; else wall time x threads (equal on a machine with a core per thread).
+    seconds = sum(r["summary"].get("cpu_seconds") or r["summary"].get("wall_seconds", 0) * r["summary"].get("threads", 1)
+                  for r in runs.values())
     tokens = sorted({r["summary"]["tokens_seen"] for r in runs.values()})
     evaluated = sorted({r["val"][-1]["val_tokens"] for r in runs.values() if r["val"] and r["val"][-1].get("val_tokens")})
     ses = [r["final_se"] for r in runs.values() if r["final_se"] is not None]
     baseline = [r["final_val"] for name, r in runs.items() if name.startswith("base-seed")]
-    lines = [f"Runs: {len(runs)} of the {planned} planned; compute {seconds / 3600:.2f} core-hours (wall time x threads, "
-             f"summed over runs); tokens per run: {', '.join(f'{t / 1e6:.2f}M' for t in tokens)}.", ""]
+    lines = [f"Runs: {len(runs)} of the {planned} planned; compute {seconds / 3600:.2f} core-hours (a run's CPU time, "
+             "or wall time x threads before CPU time was recorded; summed over runs); tokens per run: "
+             f"{', '.join(f'{t / 1e6:.2f}M' for t in tokens)}.", ""]
     if ses and len(baseline) > 1:
         lines += [f"Final validation loss over {', '.join(f'{t:,}' for t in evaluated)} held-out tokens: its standard "
                   f"error across evaluation batches is {mean(ses):.4f} nats on average (a lower bound: neighbouring "

@@ -511,6 +511,7 @@ class Trainer:
             "model": str(final_path / "model"), "num_parameters": self.model.num_parameters(),
             "flops_per_token": self.flops, "config_changes": self.change_log, **self.last_eval,
             "wall_seconds": round(time.perf_counter() - self.started, 1), "threads": torch.get_num_threads(),
+            "cpu_seconds": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1),
         }
         logged = [h for h in self.history if "loss" in h]
         if logged:
