@@ -22,11 +22,11 @@ from pathlib import Path
 import fire
 import torch
 
-from tlm.checkpoint import save_model_dir
-from tlm.config import get_preset
-from tlm.export import export_hf
-from tlm.generate import generate
-from tlm.model import TransformerLM
+from tlm.checkpointing.model_dir import save_model_dir
+from tlm.model.config import get_preset
+from tlm.checkpointing.export import export_hf
+from tlm.model.generate import generate
+from tlm.model.transformer import TransformerLM
 
 
 def best_time(fn, repeats: int) -> float:

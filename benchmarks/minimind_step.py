@@ -26,7 +26,7 @@ def main(minimind_dir: str, batch: int = 32, seq_len: int = 512, steps: int = 10
     sys.path.insert(0, str(Path(minimind_dir).resolve()))
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # their code, imported, not copied
 
-    from tlm.bench import bench
+    from tlm.studies.bench import bench
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if precision == "auto":

@@ -25,13 +25,13 @@ import fire
 import torch
 import torch.nn.functional as F
 
-from tlm.backends import DistInfo, PlainBackend
-from tlm.checkpoint import save_model_dir
-from tlm.config import get_preset
-from tlm.export import export_hf
-from tlm.metrics import flops_per_token, peak_flops
-from tlm.model import TransformerLM
-from tlm.train_config import load_config
+from tlm.training.backends import DistInfo, PlainBackend
+from tlm.checkpointing.model_dir import save_model_dir
+from tlm.model.config import get_preset
+from tlm.checkpointing.export import export_hf
+from tlm.training.metrics import flops_per_token, peak_flops
+from tlm.model.transformer import TransformerLM
+from tlm.training.config import load_config
 
 
 def median_step(step, steps: int, warmup: int, device: torch.device) -> float:

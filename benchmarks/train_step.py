@@ -17,8 +17,8 @@ import fire
 import torch
 import torch.nn.functional as F
 
-from tlm.config import get_preset
-from tlm.model import TransformerLM
+from tlm.model.config import get_preset
+from tlm.model.transformer import TransformerLM
 
 
 def main(preset: str = "debug", batch: int = 8, seq: int = 256, steps: int = 10, threads: int = 1) -> dict:

@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from data_pipeline.schema import DatasetManifest
+from data_pipeline.formats import DatasetManifest
 from data_pipeline.shards import BATCH_ROWS, FORMAT, FORMAT_VERSION, MANIFEST, shard_schema
 from data_pipeline.sources import DataError
-from tlm.fileio import sha256_file
-from tlm.schema import inside, load_json_text, parse
+from data_pipeline.fileio import sha256_file
+from data_pipeline.schema import inside, load_json_text, parse
 
 
 def _schema_text(schema: pa.Schema) -> str:
@@ -23,7 +23,7 @@ FIX = "prepare the dataset again (tlm prepare ... --overwrite)"
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of a prepared dataset folder, validated (see data_pipeline.schema); explains what is
+    """The manifest of a prepared dataset folder, validated (see data_pipeline.formats); explains what is
     wrong when there is none."""
     root = Path(path)
     file = root / MANIFEST

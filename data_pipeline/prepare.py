@@ -38,11 +38,11 @@ from data_pipeline.shards import (
 from data_pipeline.sources import PIECE_CHARS, DataError, Document, DocumentReader, Source, resolve_sources
 from data_pipeline.tokenizer import EOT, tokenizer_sha256
 from data_pipeline.workers import assign_sources, worker_dir
-from data_pipeline.schema import JournalEntry, JournalHeader
-from tlm.fileio import DiskFullError, LineAppender, atomic_write_json, cut_torn_tail, disk_full, is_disk_full, sha256_file
-from tlm.locks import FolderLock
-from tlm.schema import parse
-from tlm.tokenizer import load_tokenizer
+from data_pipeline.formats import JournalEntry, JournalHeader
+from data_pipeline.fileio import DiskFullError, LineAppender, atomic_write_json, cut_torn_tail, disk_full, is_disk_full, sha256_file
+from data_pipeline.locks import FolderLock
+from data_pipeline.schema import parse
+from data_pipeline.tokenizer_files import load_tokenizer
 
 log = logging.getLogger("tlm.prepare")
 JOURNAL = ".prepare-journal.jsonl"
@@ -122,6 +122,7 @@ class SplitWriter:
         self.doc_done = state.skip_rest_of_document
         self.shard: ShardFile | None = None
         self.dropped_tokens = 0
+        self.documents_fed = 0
         self.truncated_in_shard = 0  # no-pack: documents cut to the row length in the open shard
 
     def claim(self) -> tuple[int, bool]:
@@ -442,6 +443,7 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool) 
             if not mine_doc:
                 continue
             writer = writers["val" if is_val else "train"]
+            writer.documents_fed += doc.final  # every document, also those a resume skips and those cut by the tail
             ordinal, needed = writer.claim()
             stats["characters"] += len(doc.text)
             if not needed:
@@ -501,7 +503,8 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool) 
             split: {
                 "rows": w.state.rows,
                 "tokens": w.state.tokens,
-                "documents": w.state.documents,
+                "documents": w.documents_fed,
+                "documents_in_rows": w.state.documents,
                 "dropped_tokens": w.dropped_tokens,
                 "truncated_documents": w.state.truncated_documents,
                 "shards": w.state.shards,
@@ -515,3 +518,36 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool) 
     if reader.skips.total():
         log.warning("skipped %d records: %s", reader.skips.total(), reader.skips.to_dict()["by_reason"])
     return manifest
+
+
+def prepare_command(out: str, data: Any = None, tokenizer: str | None = None, val: float | int | None = None,
+                    val_data: Any = None, merge: bool = False, overwrite: bool = False, progress: bool = False,
+                    **settings: Any) -> dict[str, Any]:
+    """`tlm prepare`: prepare (or merge workers' outputs into) OUT; the figures it prints (JSON)."""
+    from data_pipeline import default_data
+    from data_pipeline.workers import merge_workers
+
+    start = time.perf_counter()
+    if merge:
+        manifest = merge_workers(out)
+    else:
+        if tokenizer is None:
+            raise DataError("give --tokenizer DIR (from `tlm tokenizer`), or --merge to combine worker outputs")
+        data, val_data, val = default_data(data, val_data, val)
+        config = PrepareConfig(data=_strings(data), tokenizer=str(tokenizer), out=str(out), val=val,
+                               val_data=_strings(val_data) if val_data is not None else None, **settings)
+        manifest = prepare(config, overwrite=overwrite, progress=progress)
+    seconds = time.perf_counter() - start
+    splits = {k: {f: v[f] for f in ("rows", "tokens", "documents")} | {"shards": len(v["shards"])}
+              for k, v in manifest["splits"].items()}
+    tokens = sum(v["tokens"] for v in manifest["splits"].values())
+    log.info("prepared %s: %s", out, ", ".join(f"{k} {v['rows']} rows / {v['tokens']} tokens" for k, v in splits.items()))
+    rate = not manifest.get("reused", False) and not merge  # a merge or a reuse tokenizes nothing: no rate
+    return {"out": out, "seq_len": manifest["seq_len"], "mode": manifest["mode"], "splits": splits,
+            "skipped": manifest["skipped"], "reused": manifest.get("reused", False), "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / max(seconds, 1e-9)) if rate else None,
+            "mb_per_s": round(manifest["characters"] / 1e6 / max(seconds, 1e-9), 2) if rate else None}
+
+
+def _strings(value: Any) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]

@@ -1,112 +1,112 @@
-"""Schemas of the files a prepared dataset is made of: manifest.json and the prepare journal's lines.
+"""Every file tlm reads back is checked against a schema (pydantic) before any value of it is used.
 
-The manifest is checked as a whole before any shard is opened: types, required keys, ranges, shard names
-that are plain files inside the folder, row_length = seq_len + 1, the token dtype the vocabulary needs, and
-every split's rows and tokens equal to the sums over its shards. The shards themselves are then checked
-against it (size, sha256, Arrow schema, rows, largest token id) by `TokenRows`.
+One way, used everywhere: a pydantic model per file kind (declared next to the code that writes it), and
+`parse` / `read_json` here, which turn the first validation error into one line naming the file, the key,
+what is wrong with it and the way out. Types are strict (a "5" is not a 5), floats finite where noted, and
+names of files that a manifest points to must be plain relative names inside their folder.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import json
+import math
+import re
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, TypeVar
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from data_pipeline.shards import FORMAT, FORMAT_VERSION
-from tlm.schema import NonNegInt, PosInt, RelativeFile, Schema, Sha256, StrictBool, StrictInt, StrictStr
+from data_pipeline.errors import TLMError
 
+__all__ = ["Schema", "parse", "read_json", "NonNegInt", "PosInt", "FiniteFloat", "Sha256", "RelativeFile",
+           "StrictBool", "StrictInt", "StrictStr", "Field", "inside"]
 
-class ShardEntry(Schema):
-    file: RelativeFile
-    rows: PosInt
-    tokens: NonNegInt
-    documents: NonNegInt
-    bytes: PosInt
-    sha256: Sha256
-    max_token_id: NonNegInt | None = None
-    """Largest token id in the shard, recorded as it is written (absent before tlm recorded it: then scanned)."""
+T = TypeVar("T", bound=BaseModel)
 
 
-class SplitInfo(Schema):
-    rows: NonNegInt
-    tokens: NonNegInt
-    documents: NonNegInt
-    dropped_tokens: NonNegInt = 0
-    truncated_documents: NonNegInt = 0
-    shards: list[ShardEntry]
+class Schema(BaseModel):
+    """Base of the file schemas: strict types, unknown keys kept (newer writers may add some)."""
 
-    @model_validator(mode="after")
-    def _sums(self) -> "SplitInfo":
-        rows, tokens = sum(s.rows for s in self.shards), sum(s.tokens for s in self.shards)
-        if rows != self.rows:
-            raise ValueError(f"rows is {self.rows} but its shards hold {rows}")
-        if tokens != self.tokens:
-            raise ValueError(f"tokens is {self.tokens} but its shards hold {tokens}")
-        return self
+    model_config = ConfigDict(strict=True, extra="allow", frozen=False)
 
 
-class Splits(Schema):
-    train: SplitInfo
-    val: SplitInfo
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
 
 
-class TokenizerInfo(Schema):
-    sha256: Sha256
-    vocab_size: PosInt
-    eot_token_id: NonNegInt
-    pad_token_id: NonNegInt
-    path: StrictStr
-
-    @model_validator(mode="after")
-    def _ids(self) -> "TokenizerInfo":
-        for key in ("eot_token_id", "pad_token_id"):
-            if getattr(self, key) >= self.vocab_size:
-                raise ValueError(f"{key} {getattr(self, key)} is outside the vocabulary of {self.vocab_size}")
-        return self
+def _sha256(value: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ValueError("must be a sha256 digest (64 lowercase hex digits)")
+    return value
 
 
-class DatasetManifest(Schema):
-    format: Literal[FORMAT]  # type: ignore[valid-type]
-    format_version: Annotated[StrictInt, Field(ge=1, le=FORMAT_VERSION)]
-    fingerprint: Sha256
-    seq_len: PosInt
-    row_length: PosInt
-    mode: Literal["pack", "nopack"]
-    dtype: Literal["uint16", "uint32"]
-    tokenizer: TokenizerInfo
-    splits: Splits
-    skipped: dict[str, Any] = {}
-    sources: list[dict[str, Any]] = []
-
-    @model_validator(mode="after")
-    def _shape(self) -> "DatasetManifest":
-        if self.row_length != self.seq_len + 1:
-            raise ValueError(f"row_length {self.row_length} is not seq_len + 1 ({self.seq_len + 1})")
-        needed = "uint16" if self.tokenizer.vocab_size <= 1 << 16 else "uint32"
-        if self.dtype != needed:
-            raise ValueError(f"dtype {self.dtype} does not fit a vocabulary of {self.tokenizer.vocab_size} ({needed})")
-        if self.splits.train.rows == 0:
-            raise ValueError("the train split has no rows")
-        return self
+def _relative_file(value: str) -> str:
+    path = PurePosixPath(value)
+    if not value or value.startswith("/") or "\\" in value or path.is_absolute() or any(
+            part in ("", ".", "..") or part.startswith("~") for part in value.split("/")):
+        raise ValueError("must be a plain file name inside the folder (no '/', '..' or '~' at the start, no '..' parts)")
+    return value
 
 
-
-class JournalHeader(Schema):
-    fingerprint: Sha256
-    described: dict[str, Any] | None = None
-
-
-class SplitStateEntry(Schema):
-    shards: list[ShardEntry]
-    rows: NonNegInt
-    tokens: NonNegInt
-    documents: NonNegInt
-    truncated_documents: NonNegInt = 0
-    resume_piece: NonNegInt
-    resume_offset: NonNegInt
-    skip_rest_of_document: StrictBool = False
+NonNegInt = Annotated[StrictInt, Field(ge=0)]
+PosInt = Annotated[StrictInt, Field(gt=0)]
+FiniteFloat = Annotated[float, AfterValidator(_finite)]
+Sha256 = Annotated[StrictStr, AfterValidator(_sha256)]
+RelativeFile = Annotated[StrictStr, AfterValidator(_relative_file)]
 
 
-class JournalEntry(Schema):
-    split: Literal["train", "val"]
-    state: SplitStateEntry
+def inside(root: Path, name: str) -> Path:
+    """`root / name`, refused when it resolves outside `root` (a symlink out of the folder)."""
+    path = root / name
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"'{name}' resolves outside {root}")
+    return path
+
+
+def _clip(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "tuple", "none", "is-instance", "literal"}
+
+
+def describe(error: ValidationError) -> str:
+    """The first problem of a ValidationError as 'key X: what (got Y)'."""
+    first = error.errors(include_url=False)[0]
+    # A union's branches appear in `loc` as type names (str, TokenEntry, function-after[...]): not keys.
+    parts = [str(p) for p in first["loc"] if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p or p[:1].isupper()))]
+    loc = ".".join(parts)
+    message = first["msg"].removeprefix("Value error, ")
+    where = f"key '{loc}'" if loc else "the top level"
+    if first["type"] == "missing":
+        return f"{where} is missing"
+    extra = f" ({len(error.errors())} problems in all)" if len(error.errors()) > 1 else ""
+    return f"{where}: {message[:1].lower() + message[1:]} (got {_clip(first.get('input'))}){extra}"
+
+
+def parse(schema: type[T], data: Any, where: str, error: type[TLMError] = TLMError, fix: str = "") -> T:
+    """`data` validated as `schema`, or `error` with one line: 'WHERE: key K: problem (got V); FIX'."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise error(f"{where}: {describe(e)}" + (f"; {fix}" if fix else "")) from None
+
+
+def load_json_text(path: Path, error: type[TLMError], fix: str = "") -> Any:
+    """The JSON value of a file; a file that is missing, not a regular file, not UTF-8 or not JSON is one line."""
+    if not path.exists():
+        raise error(f"{path} is missing" + (f"; {fix}" if fix else ""))
+    if not path.is_file():
+        raise error(f"{path} is not a regular file" + (f"; {fix}" if fix else ""))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise error(f"{path}: not valid JSON ({str(e)[:120]})" + (f"; {fix}" if fix else "")) from None
+
+
+def read_json(path: Path, schema: type[T], error: type[TLMError] = TLMError, fix: str = "") -> T:
+    """Read a JSON file and validate it as `schema`."""
+    return parse(schema, load_json_text(Path(path), error, fix), str(path), error, fix)

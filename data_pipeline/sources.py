@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from tlm.errors import TLMError
+from data_pipeline.errors import DataError
 
 COMPRESSIONS = {".gz": "gzip", ".xz": "xz", ".zst": "zstd", ".bz2": "bz2"}
 FORMATS = {
@@ -38,10 +38,6 @@ SAMPLE_BY = ("document", "paragraph", "line")
 # Pieces of one document are cut near this many characters (see `split_text`).
 PIECE_CHARS = 1 << 17
 _HF_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-class DataError(TLMError):
-    """A data source is missing, unreadable or malformed; the message names the file (and line)."""
 
 
 @dataclass(frozen=True)
@@ -301,6 +297,11 @@ class DocumentReader:
         self.skips = SkipCounter()
         self.documents_per_source = [0] * len(sources)
 
+    @property
+    def documents_read(self) -> int:
+        """Documents read so far, over every source."""
+        return sum(self.documents_per_source)
+
     def _fail(self, error: DataError, reason: str) -> None:
         """Raise under on_error='raise'; count under 'skip'."""
         if self.on_error == "raise":
@@ -313,13 +314,14 @@ class DocumentReader:
             source = self.sources[index]
             readers = {"jsonl": self._jsonl, "json": self._json, "parquet": self._parquet, "csv": self._csv,
                        "tsv": self._csv, "text": self._text, "hf": self._datasets, "disk": self._datasets}
-            count = 0
+            count = self.documents_per_source[index] = 0
             try:
                 for record, text, final in readers[source.kind](source):
                     if not text:
                         self.skips.add("empty_text", f"{source.path}:{record}")
                         continue
                     count += final
+                    self.documents_per_source[index] = count  # kept current: a consumer may stop early
                     pieces = split_text(text, self.piece_chars)
                     for i, piece in enumerate(pieces):
                         yield Document(piece, index, record, final=final and i == len(pieces) - 1)

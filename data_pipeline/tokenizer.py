@@ -17,6 +17,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -103,3 +104,34 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, model_max_length: 
 def tokenizer_sha256(tokenizer_dir: str | Path) -> str:
     """The identity of a tokenizer: sha256 of its tokenizer.json."""
     return hashlib.sha256((Path(tokenizer_dir) / "tokenizer.json").read_bytes()).hexdigest()
+
+
+def train_and_save(out: str, data: Any = None, vocab_size: int = 6400, text_field: str = "text",
+                   sample_by: str = "document", on_error: str = "raise", max_chars: int | None = None,
+                   min_frequency: int = 2, overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
+    """`tlm tokenizer`: train a BPE on DATA (default: the bundled corpus) into OUT; the figures it prints."""
+    import logging
+    import time
+
+    from data_pipeline import default_data
+    from data_pipeline.errors import CheckpointError
+    from data_pipeline.locks import FolderLock
+    from data_pipeline.sources import resolve_sources
+
+    log = logging.getLogger("tlm")
+    data = default_data(data)[0]
+    if (Path(out) / "tokenizer.json").exists() and not overwrite:
+        raise CheckpointError(f"'{out}' already holds a tokenizer; pass --overwrite to replace it")
+    reader = DocumentReader(resolve_sources(data), text_field=text_field, sample_by=sample_by, on_error=on_error)
+    start = time.perf_counter()
+    with FolderLock(out, "tokenizer output", hint="wait for that `tlm tokenizer` to finish, or choose another --out"):
+        trained = train_tokenizer(reader, vocab_size=vocab_size, min_frequency=min_frequency, max_chars=max_chars,
+                                  show_progress=progress)
+        save_tokenizer(trained, out)
+    seconds = time.perf_counter() - start
+    if reader.skips.total():
+        log.warning("skipped %d records: %s", reader.skips.total(), reader.skips.to_dict()["by_reason"])
+    log.info("trained a %d-token BPE in %.1f s -> %s", trained.get_vocab_size(), seconds, out)
+    return {"out": out, "vocab_size": trained.get_vocab_size(), "special_tokens": list(SPECIAL_TOKENS),
+            "sha256": tokenizer_sha256(out), "documents": reader.documents_read, "skipped": reader.skips.to_dict(),
+            "seconds": round(seconds, 2)}

@@ -8,7 +8,7 @@ from typing import Any
 
 from data_pipeline.shards import MANIFEST
 from data_pipeline.sources import DataError, Source
-from tlm.fileio import atomic_write_json
+from data_pipeline.fileio import atomic_write_json
 
 SPLITS = ("train", "val")
 
@@ -35,7 +35,7 @@ def assign_sources(sources: list[Source], workers: int, index: int) -> tuple[lis
 
 def merge_workers(out_dir: str | Path) -> dict[str, Any]:
     """Combine the manifests of `prepare --num-workers N` runs into OUT/manifest.json (one merge at a time)."""
-    from tlm.locks import FolderLock
+    from data_pipeline.locks import FolderLock
 
     root = Path(out_dir)
     if not root.is_dir():
@@ -75,8 +75,8 @@ def _merge(root: Path) -> dict[str, Any]:
     for split in SPLITS:
         shards = [{**s, "file": f"{p.name}/{s['file']}"} for p, m in zip(expected, manifests) for s in m["splits"][split]["shards"]]
         merged["splits"][split] = {
-            key: sum(m["splits"][split][key] for m in manifests)
-            for key in ("rows", "tokens", "documents", "dropped_tokens", "truncated_documents")
+            key: sum(m["splits"][split].get(key, 0) for m in manifests)
+            for key in ("rows", "tokens", "documents", "documents_in_rows", "dropped_tokens", "truncated_documents")
         } | {"shards": shards, "max_token_id": max((s.get("max_token_id") or 0 for s in shards), default=None)}
     if merged["splits"]["train"]["rows"] == 0:
         raise DataError(f"merged dataset in '{root}' has no training rows")

@@ -28,6 +28,6 @@ else
     args+=(--num_gpus "$PROCS")
 fi
 # shellcheck disable=SC2086  # DS_ARGS is a list of flags
-# tlm.launch deepspeed: the deepspeed runner itself, ending quietly (status 130) on Ctrl-C once the ranks have
+# tlm.training.launch deepspeed: the deepspeed runner itself, ending quietly (status 130) on Ctrl-C once the ranks have
 # checkpointed.
-exec "$TLM_PYTHON" -m tlm.launch deepspeed "${args[@]}" ${DS_ARGS:-} --module tlm train "$@"
+exec "$TLM_PYTHON" -m tlm.training.launch deepspeed "${args[@]}" ${DS_ARGS:-} --module tlm train "$@"

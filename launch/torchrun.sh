@@ -16,5 +16,5 @@ if [ "$NNODES" -gt 1 ]; then
 else
     rdzv=(--standalone --nnodes 1)
 fi
-# tlm.launch torchrun: torchrun itself, ending quietly (status 130) on Ctrl-C once the ranks have checkpointed.
-exec "$TLM_PYTHON" -m tlm.launch torchrun "${rdzv[@]}" --nproc_per_node "$PROCS" -m tlm train "$@"
+# tlm.training.launch torchrun: torchrun itself, ending quietly (status 130) on Ctrl-C once the ranks have checkpointed.
+exec "$TLM_PYTHON" -m tlm.training.launch torchrun "${rdzv[@]}" --nproc_per_node "$PROCS" -m tlm train "$@"

@@ -68,7 +68,7 @@ def name_of(model: str, lr: float, warmup: int, steps: int) -> str:
 
 
 def build(model: str, config) -> nn.Module:
-    from tlm.model import TransformerLM
+    from tlm.model.transformer import TransformerLM
 
     mc = config.model_config().replace(norm_position="post")
     if model == "torch-postln":
@@ -102,7 +102,7 @@ def validate(net: nn.Module, rows, batches: int) -> float:
 
 def train_one(model: str, lr: float, warmup: int, steps: int, rows, val) -> list[dict]:
     from data_pipeline.stream import TokenStream
-    from tlm.train_config import load_config
+    from tlm.training.config import load_config
 
     config = load_config(REPO / "configs" / "ablations" / "cpu.yaml")
     torch.manual_seed(0)
@@ -136,8 +136,8 @@ def run(part: int = 0, parts: int = 1) -> None:
     """Train every missing curve of the grid (each written when done, so a rerun continues); with `parts`
     processes, this one takes every parts-th setting from `part`."""
     from data_pipeline.dataset import TokenRows
-    from tlm.train_config import load_config
-    from tlm.train_data import resolve_data
+    from tlm.training.config import load_config
+    from tlm.training.data import resolve_data
 
     torch.set_num_threads(1)
     prepared, _ = resolve_data(load_config(REPO / "configs" / "ablations" / "cpu.yaml"), True)

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 tests/dist_driver.py PLAN.json RESULTS.json
 
 PLAN.json is a list of {"name": ..., "overrides": {...}}; every rank runs every entry in order with
-`tlm.train.train`, and rank 0 writes {name: [losses...]} to RESULTS.json. One launch for many runs keeps
+`tlm.training.trainer.train`, and rank 0 writes {name: [losses...]} to RESULTS.json. One launch for many runs keeps
 the interpreter, DeepSpeed import and process-group start-up out of each run's cost.
 """
 
@@ -11,8 +11,8 @@ import json
 import os
 import sys
 
-from tlm.train import shutdown, train
-from tlm.train_config import load_config
+from tlm.training.trainer import shutdown, train
+from tlm.training.config import load_config
 
 plan = json.loads(open(sys.argv[1]).read())
 results = {}

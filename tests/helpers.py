@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 
-from tlm.config import MLPS, NORM_POSITIONS, NORMS, POSITION_EMBEDDINGS, ModelConfig, get_preset
+from tlm.model.config import MLPS, NORM_POSITIONS, NORMS, POSITION_EMBEDDINGS, ModelConfig, get_preset
 
 WORDS = (
     "the king queen castle river night day sword ship sea storm light dark old young tale road horse "

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tlm.ablate import EQUIVALENCE_MARGIN, plan, run_local, slug, studies
-from tlm.ablate_plots import _curve
-from tlm.ablate_report import load_run
-from tlm.ablate_verdicts import verdict
+from tlm.studies.ablate import EQUIVALENCE_MARGIN, plan, run_local, slug, studies
+from tlm.studies.plots import _curve
+from tlm.studies.report import load_run
+from tlm.studies.verdicts import verdict
 from tlm.cli import main
-from tlm.train_config import load_config
+from tlm.training.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -62,7 +62,7 @@ def test_deepspeed_launcher_then_eval_generate_export(tmp_path: Path, prepared: 
     assert len(generated["new_token_ids"][0]) <= 8
     run("export", "--checkpoint", str(model), "--out", str(tmp_path / "hf"))
     transformers = pytest.importorskip("transformers")
-    from tlm.checkpoint import load_model_dir
+    from tlm.checkpointing.model_dir import load_model_dir
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     ids = torch.randint(0, 1000, (1, 40))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tlm.config import ModelConfig, get_preset, parse_rope_scaling
-from tlm.errors import ConfigError
-from tlm.model import TransformerLM
+from tlm.model.config import ModelConfig, get_preset, parse_rope_scaling
+from data_pipeline.errors import ConfigError
+from tlm.model.transformer import TransformerLM
 
 TLM_26M_PARAMETERS = 25_829_888
 
@@ -117,7 +117,7 @@ def test_replace_revalidates() -> None:
 def test_true_and_false_from_a_command_line_are_bools() -> None:
     from pathlib import Path
 
-    from tlm.train_config import load_config
+    from tlm.training.config import load_config
 
     recipe = Path(__file__).resolve().parent.parent / "configs" / "debug.yaml"
     config = load_config(recipe, {"model.tie_word_embeddings": "false", "train.compile": "False", "eval.at_start": "TRUE"})

@@ -9,7 +9,7 @@ import pytest
 
 from data_pipeline.sources import DocumentReader, resolve_sources, split_text
 from data_pipeline.tokenizer import SPECIAL_TOKENS
-from tlm.tokenizer import load_tokenizer, special_token_ids
+from data_pipeline.tokenizer_files import load_tokenizer, special_token_ids
 
 
 def random_text(rng: random.Random, length: int) -> str:

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from helpers import debug_config
-from tlm.checkpoint import save_model_dir
-from tlm.config import get_preset
-from tlm.errors import ExportError
-from tlm.export import export_hf
-from tlm.generate import generate
-from tlm.model import TransformerLM
+from tlm.checkpointing.model_dir import save_model_dir
+from tlm.model.config import get_preset
+from data_pipeline.errors import ExportError
+from tlm.checkpointing.export import export_hf
+from tlm.model.generate import generate
+from tlm.model.transformer import TransformerLM
 
 transformers = pytest.importorskip("transformers")
 
@@ -94,7 +94,7 @@ def test_tokenizer_files_are_exported_and_load(tmp_path: Path, tokenizer_dir: Pa
     model = TransformerLM(debug_config(eos_token_id=0, bos_token_id=1, pad_token_id=0))
     path = export(model, tmp_path, tokenizer_dir)
     tok = transformers.AutoTokenizer.from_pretrained(path)
-    from tlm.tokenizer import load_tokenizer
+    from data_pipeline.tokenizer_files import load_tokenizer
 
     text = "The king walked slowly to the river, she said."
     assert tok(text)["input_ids"] == load_tokenizer(tokenizer_dir).encode(text).ids

@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tlm.errors import CheckpointError, TrainingError
-from tlm.train import train
-from tlm.train_config import load_config
-from tlm.train_state import find_resume, verify
+from data_pipeline.errors import CheckpointError, TrainingError
+from tlm.training.trainer import train
+from tlm.training.config import load_config
+from tlm.checkpointing.checkpoints import find_resume, verify
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -190,9 +190,9 @@ def test_past_the_grace_period_the_trainer_exits_anyway(tmp_path: Path, prepared
 WANDB_DRIVER = """
 import json, os, signal, sys, time
 from pathlib import Path
-from tlm.metrics import WandbLogger
-from tlm.train import train
-from tlm.train_config import load_config
+from tlm.training.metrics import WandbLogger
+from tlm.training.trainer import train
+from tlm.training.config import load_config
 
 original = WandbLogger.log
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from helpers import combo_id, debug_config, switch_combinations
-from tlm.config import get_preset
-from tlm.generate import KVCache, generate, kv_cache_bytes, sample_next_token
-from tlm.model import TransformerLM
+from tlm.model.config import get_preset
+from tlm.model.generate import KVCache, generate, kv_cache_bytes, sample_next_token
+from tlm.model.transformer import TransformerLM
 
 YARN = {"factor": 4.0, "original_max_position_embeddings": 16}
 
@@ -128,7 +128,7 @@ def test_yarn_changes_long_range_logits_only_through_rope() -> None:
     yarn = varied_model()
     yarn.load_state_dict(plain.state_dict())
     yarn.config = yarn.config.replace(rope_scaling=YARN)
-    from tlm.rope import RotaryEmbedding
+    from tlm.model.rope import RotaryEmbedding
 
     yarn.rotary_emb = RotaryEmbedding(yarn.config)
     ids = torch.randint(0, 6400, (1, 200))

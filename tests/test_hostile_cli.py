@@ -107,25 +107,25 @@ def test_tlm_debug_shows_the_traceback_of_a_user_error(tmp_path: Path) -> None:
 
 
 def test_a_bug_still_shows_its_traceback(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tlm.generate
+    import tlm.model.generate
     from tlm.cli import main
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug in tlm")
 
-    monkeypatch.setattr(tlm.generate, "generate", broken)
+    monkeypatch.setattr(tlm.model.generate, "generate", broken)
     with pytest.raises(RuntimeError, match="a bug in tlm"):
         main(["generate", "--checkpoint", str(trained), "--prompt_ids", "[1]"])
 
 
 def test_ctrl_c_outside_training_is_one_line(trained: Path, monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture) -> None:
-    import tlm.generate
+    import tlm.model.generate
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tlm.generate, "generate", interrupted)
+    monkeypatch.setattr(tlm.model.generate, "generate", interrupted)
     status, _, err = cli(gen(trained), capsys)
     assert status == 130 and err.strip().splitlines()[-1] == "tlm: interrupted" and "Traceback" not in err
 

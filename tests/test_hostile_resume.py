@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from hostile import cli, copy_dataset, edit_json, refused, snapshot, train_args
-from tlm.fileio import sha256_file
-from tlm.metrics import read_metrics
+from data_pipeline.fileio import sha256_file
+from tlm.training.metrics import read_metrics
 
 
 @pytest.fixture()
@@ -84,7 +84,7 @@ def test_an_allowed_change_is_logged_everywhere(prepared: Path, stopped: Path, c
 
 def test_an_allowed_change_reaches_the_wandb_config(prepared: Path, stopped: Path, capsys: pytest.CaptureFixture,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from tlm.metrics import WandbLogger
+    from tlm.training.metrics import WandbLogger
 
     sent = []
     monkeypatch.setattr(WandbLogger, "update_config", lambda self, values: sent.append(values))
@@ -155,8 +155,8 @@ def test_a_complete_manifest_naming_a_file_outside_is_passed_over(prepared: Path
 
 
 def test_a_latest_pointer_out_of_the_run_is_refused(stopped: Path) -> None:
-    from tlm.errors import CheckpointError
-    from tlm.train_state import read_latest
+    from data_pipeline.errors import CheckpointError
+    from tlm.checkpointing.checkpoints import read_latest
 
     assert read_latest(stopped).name == "step-00000004"
     (stopped / "checkpoints" / "latest").write_text("../../../etc\n")

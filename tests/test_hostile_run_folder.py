@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from hostile import REPO, child, cli, hold_lock, refused, snapshot, train_args
-from tlm.metrics import read_metrics
-from tlm.train_state import find_resume, verify
+from tlm.training.metrics import read_metrics
+from tlm.checkpointing.checkpoints import find_resume, verify
 
 
 def wait_for_step(run_dir: Path, proc, step: int, timeout: float = 120) -> int:
@@ -64,7 +64,7 @@ def test_the_ablation_runner_and_its_trainer_share_one_claim(tmp_path: Path, pre
     finally:
         holder.kill()
         holder.wait(30)
-    from tlm.locks import FolderLock
+    from data_pipeline.locks import FolderLock
 
     with FolderLock(run_dir, "run folder"):
         status, _, err = cli(train_args(prepared, run_dir, **{"train.max_steps": 2}), capsys)
@@ -117,7 +117,7 @@ def test_ctrl_c_under_torchrun(tmp_path: Path, prepared: Path) -> None:
 
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TLM_FAULT": ""}
-    command = [sys.executable, "-m", "tlm.launch", "torchrun", "--standalone", "--nproc_per_node", "2", "-m", "tlm",
+    command = [sys.executable, "-m", "tlm.training.launch", "torchrun", "--standalone", "--nproc_per_node", "2", "-m", "tlm",
                *map(str, train_args(prepared, run_dir, **{"train.max_steps": 5000, "checkpoint.every": 0,
                                                           "batch.micro_batch_size": 2}))]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -208,7 +208,7 @@ def test_a_torn_metrics_line_is_cut_when_the_run_resumes(tmp_path: Path, prepare
 
 
 def test_a_garbled_metrics_line_is_named_when_read_back(tmp_path: Path) -> None:
-    from tlm.errors import TLMError
+    from data_pipeline.errors import TLMError
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 8.0}\n{"step": "two", "loss": 7.0}\n{"step": 3, "loss": 6.0}\n')

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import debug_config
-from tlm.model import TransformerLM
+from tlm.model.transformer import TransformerLM
 
 
 def loss_and_grads(model: TransformerLM, ids: torch.Tensor, mask: torch.Tensor | None, chunk: int):

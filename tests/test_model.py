@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import combo_id, debug_config, switch_combinations
-from tlm.model import TransformerLM
+from tlm.model.transformer import TransformerLM
 
 COMBOS = switch_combinations()
 

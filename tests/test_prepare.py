@@ -15,7 +15,7 @@ from data_pipeline.dataset import TokenRows, check_compatible, load_manifest
 from data_pipeline.prepare import PrepareConfig, prepare
 from data_pipeline.workers import merge_workers
 from data_pipeline.sources import DataError, DocumentReader, resolve_sources
-from tlm.tokenizer import load_tokenizer
+from data_pipeline.tokenizer_files import load_tokenizer
 
 SEQ = 64
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from helpers import debug_config
-from tlm.config import get_preset
-from tlm.export import hf_config
-from tlm.model import TransformerLM
-from tlm.rope import RotaryEmbedding, apply_rotary_pos_emb, compute_inv_freq
+from tlm.model.config import get_preset
+from tlm.checkpointing.export import hf_config
+from tlm.model.transformer import TransformerLM
+from tlm.model.rope import RotaryEmbedding, apply_rotary_pos_emb, compute_inv_freq
 
 YARN_CASES = [
     {"factor": 4.0, "original_max_position_embeddings": 512},

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tlm.train import train
-from tlm.train_config import load_config
+from tlm.training.trainer import train
+from tlm.training.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,7 +60,7 @@ def test_bench_prints_its_figures(tmp_path: Path) -> None:
 def test_the_step_loop_never_waits_for_the_gpu(tmp_path: Path, prepared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Inside a training step nothing reads a GPU value back: synchronising calls raise in this mode
     (the loss is read only at log steps, outside the step)."""
-    from tlm.train import Trainer
+    from tlm.training.trainer import Trainer
 
     original = Trainer.train_step
     calls = {"n": 0}

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tlm.stats import mean, paired_difference, std, t_critical, welch_difference
+from tlm.studies.stats import mean, paired_difference, std, t_critical, welch_difference
 
 
 def test_t_critical_values() -> None:

@@ -11,15 +11,15 @@ import torch
 
 from data_pipeline.prepare import PrepareConfig, prepare
 from data_pipeline.sources import DataError
-from tlm.backends import DistInfo, PlainBackend
-from tlm.checkpoint import load_model_dir
-from tlm.config import get_preset
-from tlm.errors import CheckpointError, ConfigError
-from tlm.metrics import flops_per_token, matmul_params, peak_flops
-from tlm.model import TransformerLM
-from tlm.optim import lr_at, param_groups
-from tlm.train import train
-from tlm.train_config import ScheduleSection, TrainConfig, load_config
+from tlm.training.backends import DistInfo, PlainBackend
+from tlm.checkpointing.model_dir import load_model_dir
+from tlm.model.config import get_preset
+from data_pipeline.errors import CheckpointError, ConfigError
+from tlm.training.metrics import flops_per_token, matmul_params, peak_flops
+from tlm.model.transformer import TransformerLM
+from tlm.training.optim import lr_at, param_groups
+from tlm.training.trainer import train
+from tlm.training.config import ScheduleSection, TrainConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -256,7 +256,7 @@ def test_a_stop_signal_checkpoints_and_the_rerun_matches(tmp_path: Path, prepare
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import signal
 
-    import tlm.train as train_module
+    import tlm.training.trainer as train_module
 
     straight = train(config_for(prepared, tmp_path / "straight", **{"train.max_steps": 8}))
     real_lr_at = train_module.lr_at

@@ -1,0 +1,244 @@
+"""Training checkpoints: layout, completeness, the `latest` pointer, resume lookup and pruning.
+
+    RUN/checkpoints/step-00000100/
+        backend/            the backend's own checkpoint (DeepSpeed folder, FSDP2 DCP, or state.pt)
+        rng/rank-R.pt       every rank's RNG states (tensors and lists: weights_only loading)
+        trainer.json        step, samples consumed, data stream state, world size, backend, full config
+        model/              the consolidated model directory (tlm_config.json + model.safetensors + tokenizer)
+        COMPLETE            written last, after every rank has finished writing: the manifest (size and
+                            sha256 of every file, each fsynced while it is hashed)
+    RUN/checkpoints/latest  the name of the newest complete checkpoint (moved after COMPLETE)
+
+A checkpoint without COMPLETE (killed while saving) is never loaded, nor one whose files no longer match
+its manifest (truncated, tampered, lost): `--resume auto` takes the newest sound one and says which it
+passed over and why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import torch
+
+from data_pipeline.errors import CheckpointError
+from data_pipeline.fileio import atomic_write_bytes, atomic_write_json, fsync_path, sha256_file
+from data_pipeline.schema import (
+    Field, NonNegInt, PosInt, RelativeFile, Schema, Sha256, StrictBool, StrictInt, StrictStr, load_json_text, parse,
+)
+
+log = logging.getLogger("tlm")
+COMPLETE = "COMPLETE"
+TRAINER = "trainer.json"
+STEP_NAME = re.compile(r"step-\d{8}")
+
+
+class StreamState(Schema):
+    consumed_samples: NonNegInt
+    seed: StrictInt
+    shuffle: StrictBool
+    num_rows: PosInt
+    dataset_fingerprint: StrictStr
+
+
+class DataIdentity(Schema):
+    """What the data of a run was: the prepared dataset and the tokenizer, by content."""
+
+    fingerprint: StrictStr
+    tokenizer_sha256: Sha256 | None = None
+    prepared: StrictStr | None = None
+
+
+class TrainerState(Schema):
+    """trainer.json: where a run stands, and the resolved configuration it stands on."""
+
+    step: NonNegInt
+    world_size: PosInt
+    backend: Literal["single", "ddp", "deepspeed", "fsdp2"]
+    zero_stage: Annotated[StrictInt, Field(ge=0, le=3)]
+    stream: StreamState
+    config: dict[str, Any]
+    model: dict[str, Any] | None = None
+    """The resolved ModelConfig the weights were trained with."""
+    data: DataIdentity | None = None
+    config_changes: list[dict[str, Any]] = []
+    tokens_seen: NonNegInt = 0
+    total_steps: PosInt | None = None
+    skipped_steps: NonNegInt = 0
+    val_loss: float | None = None
+    val_ppl: float | None = None
+    val_tokens: NonNegInt | None = None
+    val_loss_se: float | None = None
+
+
+class CompleteManifest(Schema):
+    """COMPLETE: every file of the checkpoint with its size and sha256."""
+
+    files: dict[RelativeFile, Annotated[tuple[NonNegInt, Sha256], Field(strict=False)]]  # a JSON list
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file() and (path / TRAINER).is_file()
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a rank uses, as tensors and plain lists (loadable with torch.load(weights_only=True))."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_rng(path: Path, rank: int) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(rng_state(), buffer)
+    atomic_write_bytes(path / "rng" / f"rank-{rank}.pt", buffer.getvalue())
+
+
+def load_rng(path: Path, rank: int) -> bool:
+    """Restore this rank's RNG states; False when the checkpoint has none for this rank (new world size)."""
+    file = path / "rng" / f"rank-{rank}.pt"
+    if not file.is_file():
+        return False
+    state = torch.load(file, weights_only=True)
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    return True
+
+
+def write_trainer_state(path: Path, state: dict[str, Any]) -> None:
+    atomic_write_json(path / TRAINER, state)
+
+
+def manifest(path: Path) -> dict[str, list]:
+    """{relative path: [size, sha256]} of every file of a checkpoint, each fsynced on the way."""
+    files = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != COMPLETE):
+        fsync_path(file)
+        files[file.relative_to(path).as_posix()] = [file.stat().st_size, sha256_file(file)]
+    for folder in sorted({f.parent for f in path.rglob("*")} | {path}):
+        fsync_path(folder)  # the directory entries too, so that a crash cannot lose a renamed file
+    return files
+
+
+def mark_complete(run_dir: Path, path: Path) -> None:
+    """The manifest as COMPLETE, then the `latest` pointer: the order that makes a checkpoint visible only
+    when whole (and checkable later)."""
+    atomic_write_json(path / COMPLETE, {"files": manifest(path)})
+    atomic_write_bytes(run_dir / "checkpoints" / "latest", (path.name + "\n").encode())
+
+
+def verify(path: Path, hashes: bool = True) -> str | None:
+    """Why the checkpoint at `path` must not be loaded, or None when it is sound."""
+    if not is_complete(path):
+        return f"incomplete (no {COMPLETE} marker: interrupted while saving)"
+    try:
+        text = (path / COMPLETE).read_text()
+        files = parse(CompleteManifest, json.loads(text), COMPLETE, CheckpointError).files if text.strip() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, CheckpointError) as e:
+        return f"its {COMPLETE} manifest is unreadable ({str(e)[:160]})"
+    if files is None:  # written by an older tlm, before manifests: nothing to check against
+        return None
+    for name, (size, digest) in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, its manifest says {size}"
+        if hashes and sha256_file(file) != digest:
+            return f"{name} does not match its sha256 in the manifest (corrupted or modified)"
+    return None
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """trainer.json of a complete checkpoint, validated (TrainerState)."""
+    if not is_complete(path):
+        raise CheckpointError(f"checkpoint '{path}' is incomplete (no {COMPLETE} marker): it was interrupted while saving")
+    fix = "resume from another checkpoint (--checkpoint.resume=PATH) or start afresh (--checkpoint.resume=none)"
+    data = load_json_text(path / TRAINER, CheckpointError, fix)
+    parse(TrainerState, data, str(path / TRAINER), CheckpointError, fix)
+    return data
+
+
+def read_latest(run_dir: Path) -> Path | None:
+    """The checkpoint folder `RUN/checkpoints/latest` names (a plain step-N name, nothing else), if any."""
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+    if not STEP_NAME.fullmatch(name):
+        raise CheckpointError(f"{pointer}: names {name[:40]!r}, not a checkpoint of this run (step-NNNNNNNN)")
+    return run_dir / "checkpoints" / name
+
+
+def find_resume(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: None for 'none' or a fresh run, the newest sound one for 'auto'.
+
+    Incomplete checkpoints (a kill while saving) are passed over with a warning, and so are corrupt ones;
+    but when every checkpoint of the run is corrupt the run stops with an error rather than start afresh
+    over hours of training.
+    """
+    if resume == "none":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint.resume: '{resume}' does not exist")
+        problem = verify(path)
+        if problem:
+            raise CheckpointError(f"checkpoint '{path}' cannot be loaded: {problem}")
+        read_trainer_state(path)
+        return path
+    root = run_dir / "checkpoints"
+    candidates = sorted(root.glob("step-*"), reverse=True) if root.is_dir() else []
+    passed = []
+    for path in candidates:
+        problem = verify(path)
+        if problem is None:
+            if passed:
+                log.warning("skipped checkpoints: %s; resuming from %s", "; ".join(passed), path.name)
+            return path
+        log.warning("checkpoint %s is not loadable: %s", path, problem)
+        passed.append(f"{path.name} ({problem})")
+    if any("incomplete" not in p for p in passed):
+        raise CheckpointError(f"no sound checkpoint in {root}: {'; '.join(passed)}. Nothing was loaded or deleted; "
+                              "restore the files, or start afresh with --checkpoint.resume=none")
+    if passed:
+        log.warning("no complete checkpoint in %s (%s); starting afresh", root, "; ".join(passed))
+    return None
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (and incomplete ones older than them)."""
+    root = run_dir / "checkpoints"
+    complete = sorted(p for p in root.glob("step-*") if is_complete(p))
+    if keep_last <= 0 or len(complete) <= keep_last:
+        return
+    oldest_kept = complete[-keep_last]
+    for path in sorted(root.glob("step-*")):
+        if path < oldest_kept:
+            (path / COMPLETE).unlink(missing_ok=True)  # first, so that a kill during the removal leaves it incomplete
+            shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,283 @@
+"""The `tlm` commands: each parses its flags (fire hands them over) and calls one domain function.
+
+Every command that produces figures prints them as one JSON object on the last line of stdout; logs go to
+stderr. Docstrings are the help (`tlm COMMAND --help`): a summary, then the flags under "Args:".
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+
+def emit(result: dict[str, Any]) -> None:
+    """Print the command's figures as the last line of stdout."""
+    print(json.dumps(result), flush=True)
+
+
+def presets() -> None:
+    """List the model presets with their parameter counts (JSON on the last line)."""
+    from tlm.model.config import preset_table
+
+    table = preset_table()
+    for name, row in table.items():
+        print(f"{name:10s} {row['num_parameters']:>12,d} parameters", file=sys.stderr)
+    emit(table)
+
+
+def init(out: str, preset: str = "tlm-26m", tokenizer: str | None = None, seed: int = 0, overwrite: bool = False,
+         **overrides: Any) -> None:
+    """Write a freshly initialised model directory and print its parameter count.
+
+    Args:
+        out: the model directory to create.
+        preset: a named preset (tlm presets lists them), e.g. tlm-26m (the 26M baseline) or debug.
+        tokenizer: a folder holding tokenizer.json; its files are copied in and its special token ids
+            (bos/eos/pad) fill the config unless given.
+        seed: seed of the weight initialisation.
+        overwrite: replace an existing model directory at OUT.
+        overrides: any model config field as --FIELD=VALUE, e.g. --num_key_value_heads=1 --norm=layernorm
+            --norm_position=post --position_embedding=nope --mlp=silu --rope_scaling=yarn:4:512.
+    """
+    from tlm.checkpointing.model_dir import init_model_dir
+
+    emit(init_model_dir(out, preset, tokenizer, seed, overwrite, overrides))
+
+
+def generate(checkpoint: str, prompt: Any = None, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int = 0, rope_scaling: Any = None, tokenizer: str | None = None,
+             prompt_ids: Any = None, device: str = "auto", dtype: str = "auto") -> None:
+    """Continue one or more prompts with a KV-cached decoder; print the texts, then the figures.
+
+    Args:
+        checkpoint: a tlm model directory.
+        prompt: the text to continue, or a JSON list of texts for a batch.
+        max_new_tokens: most tokens generated per prompt (fewer when EOS comes first); prompt plus these must
+            fit the model's context.
+        temperature: 0 = greedy; otherwise the softmax temperature of sampling.
+        top_k: sample among the k most likely tokens only (0 = all).
+        top_p: sample from the smallest set of tokens whose probability reaches p (1.0 = all).
+        seed: seed of the sampler.
+        rope_scaling: switch YaRN on at inference, e.g. yarn:4:512 (factor 4 over a model trained at 512
+            tokens) or a JSON dict; none turns a stored YaRN off.
+        tokenizer: a tokenizer folder, when the checkpoint holds none.
+        prompt_ids: token ids instead of text (a list, or a list of lists for a batch).
+        device: auto (CUDA when available), cpu, cuda, cuda:N.
+        dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.
+    """
+    from tlm.inference import complete
+
+    result = complete(checkpoint, prompt, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, rope_scaling,
+                      tokenizer, device, dtype)
+    prompts = result.pop("prompts")
+    if result["completions"] is not None:
+        for text, completion in zip(prompts, result["completions"]):
+            print(text + completion)
+    emit(result)
+
+
+def tokenizer(out: str, data: Any = None, vocab_size: int = 6400, text_field: str = "text", sample_by: str = "document",
+              on_error: str = "raise", max_chars: int | None = None, min_frequency: int = 2,
+              overwrite: bool = False) -> None:
+    """Train a byte-level BPE tokenizer (tokenizers) from a streamed source.
+
+    Special tokens: <|endoftext|> (0: document separator, EOS, padding), <|im_start|> (1) and <|im_end|> (2)
+    (ChatML turn markers for a later chat corpus). transformers' AutoTokenizer loads the result.
+
+    Args:
+        out: the folder to write tokenizer.json, tokenizer_config.json, special_tokens_map.json to.
+        data: files, folders, globs or a Hugging Face dataset name (a list for several); JSONL, JSON, Parquet,
+            CSV/TSV or text, optionally .gz/.xz/.zst/.bz2. Default: the bundled Gutenberg demo corpus.
+        vocab_size: size of the vocabulary, special tokens and the 256 bytes included.
+        text_field: the field (JSON) or column (Parquet, CSV) holding the text.
+        sample_by: for text files: document (the whole file), paragraph or line.
+        on_error: raise (stop at the first bad record, naming file and line) or skip (count it).
+        max_chars: train on the first MAX_CHARS characters only.
+        min_frequency: smallest count for a pair to be merged.
+        overwrite: replace an existing tokenizer in OUT.
+    """
+    from data_pipeline.tokenizer import train_and_save
+    from tlm.inference import check_int
+
+    check_int("--vocab-size", vocab_size, low=259)
+    emit(train_and_save(out, data, vocab_size, text_field, sample_by, on_error, max_chars, min_frequency, overwrite,
+                        progress=sys.stderr.isatty()))
+
+
+def prepare(out: str, data: Any = None, tokenizer: str | None = None, seq_len: int = 512, pack: bool = True,
+            val: float | int | None = None, val_data: Any = None, text_field: str = "text", sample_by: str = "document",
+            on_error: str = "raise", hf_split: str = "train", seed: int = 0, shard_mb: float = 256.0,
+            num_workers: int = 1, worker_index: int = 0, merge: bool = False, overwrite: bool = False) -> None:
+    """Tokenize, pack and shard a corpus into Arrow files plus manifest.json.
+
+    Rerunning an interrupted prepare with the same flags resumes it; the output is byte-identical to an
+    uninterrupted run. For a corpus too large for one machine run N workers (--num_workers N --worker_index I,
+    e.g. a Slurm job array), then once --merge.
+
+    Args:
+        out: the output folder.
+        data: files, folders, globs or a Hugging Face dataset name (a list for several); JSONL, JSON, Parquet,
+            CSV/TSV or text, optionally .gz/.xz/.zst/.bz2. Default: the bundled Gutenberg demo corpus, with the
+            bundled validation books as --val_data.
+        tokenizer: a tokenizer folder (from tlm tokenizer).
+        seq_len: tokens a training row predicts; rows hold seq_len + 1 tokens.
+        pack: pack documents, separated by <|endoftext|>, into full rows; --nopack: one document per row,
+            truncated and padded, with a loss mask.
+        val: documents held out for validation: a fraction (0.01) or a count (100, one worker only).
+            Default: 0.01, or 0 when --val_data is given.
+        val_data: a separate validation source instead of held-out documents.
+        text_field: the field (JSON) or column (Parquet, CSV) holding the text.
+        sample_by: for text files: document (the whole file), paragraph or line.
+        on_error: raise (stop at the first bad record, naming file and line) or skip (count and report it in
+            the manifest).
+        hf_split: the split of a Hugging Face dataset.
+        seed: seed of the validation hold-out.
+        shard_mb: size of one shard file.
+        num_workers: split the sources across this many workers.
+        worker_index: which worker this is (0-based).
+        merge: merge the finished workers' outputs in OUT into one manifest.
+        overwrite: replace a prepared dataset (or an interrupted one) in OUT.
+    """
+    from data_pipeline.prepare import prepare_command
+
+    emit(prepare_command(out, data, tokenizer, val, val_data, merge, overwrite, progress=sys.stderr.isatty(),
+                         seq_len=seq_len, pack=pack, text_field=text_field, sample_by=sample_by, on_error=on_error,
+                         hf_split=hf_split, seed=seed, shard_mb=shard_mb, num_workers=num_workers,
+                         worker_index=worker_index))
+
+
+def train(config: str | None = None, show_config: bool = False, **overrides: Any) -> None:
+    """Train a model: one process, or every rank under torchrun / deepspeed / srun.
+
+    Without --config: configs/tlm-26m.yaml (the 26M baseline) when a GPU is present, otherwise
+    configs/cpu-demo.yaml (about five minutes on 2 CPU cores), on the bundled corpus, which is tokenized and
+    prepared on first use. A rerun resumes from the newest complete checkpoint. Ctrl-C checkpoints and exits
+    with status 130.
+
+    Args:
+        config: a YAML recipe (see configs/).
+        show_config: print the resolved config (the recipe with every override and default) as YAML and exit.
+        overrides: any config key as --SECTION.KEY=VALUE, e.g. --train.max_steps=100 --batch.micro_batch_size=8
+            --train.backend=fsdp2 --model.num_key_value_heads=1 --checkpoint.resume=none --logging.wandb=offline.
+    """
+    if show_config:
+        from tlm.training.config import load_config, to_yaml
+        from tlm.training.run import default_recipe
+
+        print(to_yaml(load_config(config or str(default_recipe()), overrides)), end="")
+        return
+    from tlm.training.run import run_training
+
+    status = run_training(config, overrides)
+    if status:
+        sys.exit(status)
+
+
+def ablate(study: str, scale: str = "cpu", seeds: int = 3, out: str | None = None, report: str | None = None,
+           slurm: bool = False, sbatch_args: str = "", **overrides: Any) -> None:
+    """Run an ablation study (each variant x seeds), then write its plots and report.
+
+    Studies: lr, batch, norm, norm_position, position, mlp, kv_heads, yarn, or all; report only regenerates
+    the report from the runs' files. Finished runs are not trained again; several processes started on the
+    same --out share the runs (each is claimed with a file lock).
+
+    Args:
+        study: lr | batch | norm | norm_position | position | mlp | kv_heads | yarn | all | report.
+        scale: cpu (configs/ablations/cpu.yaml, minutes per run on a CPU) or h200 (the 26M recipe).
+        seeds: seeds per variant (each seed fixes the initial weights and the data order).
+        out: the folder of the runs (default runs/ablations/SCALE); runs go in OUT/runs.
+        report: where report.md and the PNGs go (default OUT/report).
+        slurm: submit the unfinished runs as one job array (slurm/ablate.sbatch) instead of running here.
+        sbatch_args: extra sbatch flags with --slurm, e.g. --sbatch_args=--partition=gpu.
+        overrides: --SECTION.KEY=VALUE applied to every run, e.g. --data.source=corpus.jsonl.
+    """
+    from tlm.studies.ablate import run_studies
+
+    emit(run_studies(study, scale, seeds, out, report, slurm, sbatch_args, overrides))
+
+
+def bench(preset: str = "tlm-26m", backend: str = "single", batch: int = 32, seq_len: int = 512,
+          precision: str = "auto", steps: int = 10, warmup: int = 3, compile: bool = False,
+          fused_adamw: bool | None = None, loss_chunk: int = 0, zero_stage: int = 1, matrix: bool = False,
+          out: str | None = None) -> None:
+    """Training speed on synthetic tokens: tokens/s, step time, MFU and peak memory (a table; JSON last).
+
+    MFU is given against the device's datasheet peak (989 TFLOP/s dense bf16 for H100/H200) and against the
+    matmul rate measured on the same device in the same run (docs/training.md has the FLOPs formula).
+
+    Args:
+        preset: model preset.
+        backend: single | deepspeed | fsdp2 (one process).
+        batch: sequences per step.
+        seq_len: tokens per sequence.
+        precision: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32.
+        steps: timed steps (after warmup).
+        warmup: untimed steps first (compilation happens there).
+        compile: torch.compile the model.
+        fused_adamw: torch's fused AdamW (default: on CUDA).
+        loss_chunk: chunked cross-entropy, tokens per chunk (0 = off).
+        zero_stage: DeepSpeed ZeRO stage with --backend deepspeed.
+        matrix: run the whole matrix instead (eager, compiled, compiled + chunked loss, ZeRO-1, ZeRO-2, FSDP2)
+            with the same preset, batch and precision.
+        out: also write the JSON to this file.
+    """
+    from tlm.studies.bench import bench_command
+
+    emit(bench_command(preset, backend, batch, seq_len, precision, steps, warmup, compile, fused_adamw, loss_chunk,
+                       zero_stage, matrix, out))
+
+
+def eval(checkpoint: str, data: Any, seq_len: int | None = None, split: str | None = None, batch_size: int = 8,
+         max_batches: int | None = None, text_field: str = "text", device: str = "auto") -> None:
+    """Validation loss and perplexity of a model directory (JSON on the last line).
+
+    Args:
+        checkpoint: a model directory (e.g. RUN/checkpoints/step-N/model).
+        data: a prepared folder (its val split, else train), or raw text (files, folders, globs), tokenized with
+            the checkpoint's tokenizer and packed into rows of seq_len + 1.
+        seq_len: row length for raw text (default: the length the model was trained at, else 512; a prepared
+            folder has its own).
+        split: the split of a prepared folder.
+        batch_size: sequences per forward.
+        max_batches: evaluate at most this many batches.
+        text_field: the field or column of raw JSON / Parquet / CSV holding the text.
+        device: auto, cpu, cuda.
+    """
+    import logging
+
+    from tlm.inference import check_int, resolve_device
+    from tlm.training.evaluate import evaluate_checkpoint
+
+    if seq_len is not None:
+        check_int("--seq-len", seq_len, low=1)
+    check_int("--batch-size", batch_size, low=1)
+    if max_batches is not None:
+        check_int("--max-batches", max_batches, low=1)
+    result = evaluate_checkpoint(checkpoint, data, seq_len=seq_len, split=split, batch_size=batch_size,
+                                 max_batches=max_batches, device=resolve_device(device), text_field=text_field)
+    logging.getLogger("tlm").info("%s: loss %.4f, perplexity %.2f over %d tokens", checkpoint, result["loss"],
+                                  result["perplexity"], result["tokens"])
+    emit(result)
+
+
+def export(checkpoint: str, out: str, dtype: str = "float32") -> None:
+    """Write a Hugging Face LlamaForCausalLM folder (config.json, safetensors, tokenizer files).
+
+    Args:
+        checkpoint: a tlm model directory.
+        out: the folder to write; AutoModelForCausalLM.from_pretrained(OUT) loads it.
+        dtype: weight dtype in the export: float32, bfloat16 or float16.
+    """
+    import logging
+
+    from tlm.checkpointing.export import export_hf
+
+    path = export_hf(checkpoint, out, dtype=dtype)
+    files = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+    logging.getLogger("tlm").info("exported %s -> %s (%s)", checkpoint, out, ", ".join(files))
+    emit({"out": str(path), "files": files, "architecture": "LlamaForCausalLM"})
+
+
+COMMANDS = {"train": train, "prepare": prepare, "tokenizer": tokenizer, "eval": eval, "generate": generate,
+            "init": init, "export": export, "presets": presets, "ablate": ablate, "bench": bench}

@@ -1,0 +1,138 @@
+"""Generation from a model directory: checked prompts and sampling values, the context the model can take, and
+the KV-cached decoder of tlm.model.generate (`tlm generate`)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+
+from data_pipeline.errors import CheckpointError, ConfigError
+from tlm.model.config import ModelConfig
+
+log = logging.getLogger("tlm")
+
+
+def resolve_device(device: str) -> torch.device:
+    """auto (CUDA when available), cpu, cuda, cuda:N."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r} is not a device (use auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but no CUDA device is available")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."""
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in choices:
+        raise ConfigError(f"--dtype must be auto or one of {', '.join(choices)}, got {dtype!r}")
+    return choices[dtype]
+
+
+def check_int(flag: str, value: Any, low: int | None = None) -> None:
+    """Refuse a flag value that is not an int (a bool, 1e8, a string) or is below `low`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{flag} must be a whole number, got {value!r}")
+    if low is not None and value < low:
+        raise ConfigError(f"{flag} must be at least {low}, got {value}")
+
+
+def check_number(flag: str, value: Any, low: float | None = None, high: float | None = None,
+                 low_open: bool = False) -> None:
+    """Refuse a flag value that is not a finite number in [low, high] ((low, high] with low_open)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{flag} must be a finite number, got {value!r}")
+    if (low is not None and (value < low or (low_open and value == low))) or (high is not None and value > high):
+        span = f"in {'(' if low_open else '['}{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+        raise ConfigError(f"{flag} must be {span}, got {value}")
+
+
+def check_context(config: ModelConfig, trained: int | None, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a generation longer than the model's context (its KV cache is allocated for all of it); warn past
+    the length it was trained at, naming YaRN, which stretches RoPE to longer contexts."""
+    total = prompt_tokens + max_new_tokens
+    if total > config.max_position_embeddings:
+        raise ConfigError(f"prompt ({prompt_tokens} tokens) + --max-new-tokens ({max_new_tokens}) = {total} exceeds the "
+                          f"model's context of {config.max_position_embeddings} (max_position_embeddings); lower "
+                          "--max-new-tokens")
+    scaling = config.rope_scaling
+    usable = int(scaling["factor"] * scaling["original_max_position_embeddings"]) if scaling else trained
+    if usable and total > usable and config.position_embedding == "rope":
+        if scaling:
+            log.warning("generating up to %d positions, past the %d YaRN stretches this model to: expect worse text",
+                        total, usable)
+        else:
+            log.warning("generating up to %d positions, past the %d this model was trained at: expect worse text; "
+                        "YaRN can stretch RoPE: --rope-scaling yarn:%d:%d", total, usable,
+                        max(2, -(-total // usable)), usable)
+
+
+def as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def complete(checkpoint: str, prompt: Any = None, prompt_ids: Any = None, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, rope_scaling: Any = None,
+             tokenizer: str | None = None, device: str = "auto", dtype: str = "auto") -> dict[str, Any]:
+    """Continue the prompts (texts, or token ids) of a model directory; the figures `tlm generate` prints.
+    Every value is checked before the model is loaded."""
+    from data_pipeline.tokenizer_files import has_tokenizer, load_tokenizer
+    from tlm.checkpointing.model_dir import load_config, load_model_dir, read_model_meta
+    from tlm.model.config import parse_rope_scaling
+    from tlm.model.generate import generate
+
+    check_int("--max-new-tokens", max_new_tokens, low=1)
+    check_number("--temperature", temperature, low=0.0)
+    check_int("--top-k", top_k, low=0)
+    check_number("--top-p", top_p, low=0.0, high=1.0, low_open=True)
+    check_int("--seed", seed, low=0)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    meta = read_model_meta(checkpoint)
+    config = load_config(checkpoint)
+    changes = {}
+    if rope_scaling is not None:
+        changes["rope_scaling"] = parse_rope_scaling(rope_scaling)
+        config = config.replace(**changes)
+    tokenizer_dir = tokenizer or (checkpoint if has_tokenizer(checkpoint) else None)
+    tok = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+    if prompt_ids is not None:
+        ids = as_list(prompt_ids)
+        batch = [list(map(int, p)) for p in ids] if ids and isinstance(ids[0], (list, tuple)) else [list(map(int, ids))]
+    elif prompt is not None:
+        if tok is None:
+            raise CheckpointError(f"checkpoint '{checkpoint}' has no tokenizer: pass --tokenizer DIR, or token ids with "
+                                  "--prompt_ids")
+        batch = [enc.ids for enc in tok.encode_batch([str(p) for p in as_list(prompt)])]
+    else:
+        raise ConfigError("give --prompt TEXT (or --prompt_ids IDS)")
+    for i, ids in enumerate(batch):
+        if not ids:
+            raise ConfigError(f"prompt {i} encodes to no tokens")
+        bad = [t for t in ids if not 0 <= t < config.vocab_size]
+        if bad:
+            raise ConfigError(f"prompt {i} holds token id {bad[0]} outside the vocabulary (0..{config.vocab_size - 1})")
+    check_context(config, meta.get("trained_seq_len"), max(len(ids) for ids in batch), max_new_tokens)
+
+    model = load_model_dir(checkpoint, device=dev, dtype=torch_dtype, **changes)
+    start = time.perf_counter()
+    new_tokens = generate(model, batch, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+                          generator=torch.Generator(device=dev).manual_seed(seed))
+    seconds = time.perf_counter() - start
+    count = sum(len(t) for t in new_tokens)
+    log.info("generated %d tokens in %.2f s (%.1f tokens/s)", count, seconds, count / max(seconds, 1e-9))
+    return {"prompts": [tok.decode(p) for p in batch] if tok is not None else None,
+            "completions": [tok.decode(t) for t in new_tokens] if tok is not None else None,
+            "new_token_ids": new_tokens, "new_tokens": count, "seconds": round(seconds, 4),
+            "tokens_per_s": round(count / max(seconds, 1e-9), 2), "rope_scaling": model.config.rope_scaling}

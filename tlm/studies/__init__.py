@@ -1,0 +1,2 @@
+"""Studies: the ablation runner and its report (analysis, decision rules, figures), statistics, and the speed
+benchmark."""

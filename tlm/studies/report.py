@@ -1,0 +1,223 @@
+"""The ablation report: read every run's files, apply the decision rules, draw, and write report.md.
+
+Everything in the report is computed from files: each run's `metrics.jsonl` and `summary.json`, its
+`analysis.json` (tlm.studies.analysis: computed from the run's model the first time, then kept) and the
+study's `unigram.json`, so that a copy of these small files, committed beside the report, regenerates it
+exactly (tests/test_ablate.py checks the committed one).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tlm.studies.ablate import UNIGRAM, Study, base_config_path, slug, studies
+from tlm.studies.analysis import analyse
+from tlm.studies.plots import plot_position, plot_study, plot_yarn
+from tlm.studies.verdicts import cell, compare, verdict
+from tlm.model.generate import kv_cache_bytes
+from tlm.training.metrics import read_metrics, read_summary
+from tlm.studies.stats import mean, std
+from tlm.training.config import load_config
+
+KEPT = ("metrics.jsonl", "summary.json", "analysis.json")
+
+
+def load_run(run_dir: Path) -> dict[str, Any] | None:
+    """The logged records and summary of a run (None when it has not finished)."""
+    summary_file = run_dir / "summary.json"
+    if not summary_file.is_file():
+        return None
+    records = read_metrics(run_dir / "metrics.jsonl")
+    # A run that was interrupted and trained again logs its first steps twice: the last record of a step wins.
+    train = sorted({r["step"]: r for r in records if "loss" in r}.values(), key=lambda r: r["step"])
+    val = sorted({r["step"]: r for r in records if "val_loss" in r}.values(), key=lambda r: r["step"])
+    summary = read_summary(summary_file)
+    return {"dir": run_dir, "summary": summary, "train": train, "val": val, "seed": _seed(run_dir),
+            "final_val": val[-1]["val_loss"] if val else math.nan, "final_se": val[-1].get("val_loss_se") if val else None}
+
+
+def _seed(run_dir: Path) -> int:
+    """The seed of a run folder named NAME-seedN."""
+    return int(run_dir.name.rsplit("-seed", 1)[1]) if "-seed" in run_dir.name else 0
+
+
+def _variant_runs(study: Study, runs_dir: Path, seeds: int) -> dict[str, list[dict[str, Any]]]:
+    out = {}
+    for name, overrides in study.variants.items():
+        runs = [load_run(runs_dir / f"{slug(overrides)}-seed{s}") for s in range(seeds)]
+        out[name] = [r for r in runs if r is not None]
+    return out
+
+
+def write_report(runs_dir: Path, report_dir: Path, scale: str, seeds: int, names: list[str]) -> Path:
+    """Compute, draw and write report.md for the studies in `names`; copies the runs' small files along."""
+    base = load_config(base_config_path(scale))
+    known = studies(base)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    unigram = _unigram(runs_dir.parent, report_dir)
+    groups_of = {name: _variant_runs(known[name], runs_dir, seeds) for name in names}
+    every = {run["dir"].name: run for groups in groups_of.values() for runs in groups.values() for run in runs}
+    lines = [f"# Ablation studies ({scale} scale, up to {seeds} seeds)", "",
+             f"Regenerate from the files kept beside this report: `tlm ablate report --scale {scale} --seeds {seeds} "
+             f"--out docs/ablations/{scale} --report docs/ablations/{scale}`. Differences are final validation loss "
+             "(nats) of a variant minus the baseline's, with a 95% confidence interval (paired t over seeds: a seed "
+             "fixes the initial weights and the data order). Each study states its decision rule, fixed before "
+             "these runs.", ""]
+    lines += _overview(base, every, len(_planned(names, scale, seeds)), unigram)
+    for name in names:
+        study, groups = known[name], groups_of[name]
+        need = study.kind in ("yarn", "equivalent") or name == "position"
+        analyses = {v: [analyse(r["dir"], base.data.seq_len) for r in rs] if need else [] for v, rs in groups.items()}
+        lines += [f"## {study.title}", "", f"Claim: {study.claim}.", "", f"Decision rule: {study.rule}.", ""]
+        if not any(groups.values()):
+            lines += ["No runs yet.", ""]
+            continue
+        label, evidence = verdict(study, groups, analyses, unigram["unigram_loss"] if unigram else None)
+        lines += [f"**Verdict: {label}.** " + evidence[0] + ("" if len(evidence) == 1 else ":"), ""]
+        lines += [f"- {line}" for line in evidence[1:]] + ([""] if len(evidence) > 1 else [])
+        lines += _table(study, groups, base, analyses)
+        if study.kind != "yarn":
+            plot_study(study, groups, report_dir / f"{name}.png", scale)
+            lines += [f"![{study.title}]({name}.png)", ""]
+        if name == "position" and any(analyses.values()):
+            plot_position(analyses, report_dir / "position_loss.png")
+            lines += _probe_table(analyses) + ["![loss by position](position_loss.png)", ""]
+        if name == "mlp":
+            lines += _parameter_note(study, base)
+        if name == "yarn" and analyses.get(study.baseline):
+            plot_yarn(analyses[study.baseline], report_dir / "yarn.png")
+            lines += _yarn_table(analyses[study.baseline]) + ["![YaRN](yarn.png)", ""]
+    for run in every.values():
+        target = report_dir / "runs" / run["dir"].name
+        if run["dir"].resolve() != target.resolve():
+            target.mkdir(parents=True, exist_ok=True)
+            for file in KEPT:
+                if (run["dir"] / file).is_file():
+                    shutil.copyfile(run["dir"] / file, target / file)
+    path = report_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _unigram(out_dir: Path, report_dir: Path) -> dict[str, Any] | None:
+    """unigram.json of the study (from the runs' folder, else the report's), copied beside the report."""
+    import json
+
+    for folder in (out_dir, report_dir):
+        if (folder / UNIGRAM).is_file():
+            data = json.loads((folder / UNIGRAM).read_text())
+            if folder != report_dir:
+                shutil.copyfile(folder / UNIGRAM, report_dir / UNIGRAM)
+            return data
+    return None
+
+
+def _planned(names: list[str], scale: str, seeds: int) -> list[dict[str, Any]]:
+    from tlm.studies.ablate import plan
+
+    return plan(names, scale, seeds)
+
+
+def _overview(base, runs: dict[str, dict], planned: int, unigram: dict | None) -> list[str]:
+    """Compute, tokens, and how evaluation noise compares with seed noise."""
+    if not runs:
+        return [f"No runs yet ({planned} planned).", ""]
+    # The process's CPU time where recorded; else wall time x threads (equal on a machine with a core per thread).
+    seconds = sum(r["summary"].get("cpu_seconds") or r["summary"].get("wall_seconds", 0) * r["summary"].get("threads", 1)
+                  for r in runs.values())
+    tokens = sorted({r["summary"]["tokens_seen"] for r in runs.values()})
+    evaluated = sorted({r["val"][-1]["val_tokens"] for r in runs.values() if r["val"] and r["val"][-1].get("val_tokens")})
+    ses = [r["final_se"] for r in runs.values() if r["final_se"] is not None]
+    baseline = [r["final_val"] for name, r in runs.items() if name.startswith("base-seed")]
+    lines = [f"Runs: {len(runs)} of the {planned} planned; compute {seconds / 3600:.2f} core-hours (a run's CPU time, "
+             "or wall time x threads before CPU time was recorded; summed over runs); tokens per run: "
+             f"{', '.join(f'{t / 1e6:.2f}M' for t in tokens)}.", ""]
+    if ses and len(baseline) > 1:
+        lines += [f"Final validation loss over {', '.join(f'{t:,}' for t in evaluated)} held-out tokens: its standard "
+                  f"error across evaluation batches is {mean(ses):.4f} nats on average (a lower bound: neighbouring "
+                  f"batches are correlated), against a standard deviation of {std(baseline):.4f} nats across the "
+                  f"baseline's {len(baseline)} seeds; every run is evaluated on the same tokens, so the paired "
+                  "differences cancel most of what evaluation noise there is.", ""]
+    if unigram:
+        lines += [f"Unigram loss of the validation split (every token predicted by its training frequency): "
+                  f"{unigram['unigram_loss']:.4f} nats.", ""]
+    return lines
+
+
+def _probe_table(analyses: dict[str, list[dict]]) -> list[str]:
+    from tlm.studies.ablate import POSITION_PROBE_R2
+
+    layers = max(len(a["position_probe_layers"]) for items in analyses.values() for a in items)
+    rows = [f"Where is position? R^2 of a linear (ridge) probe predicting the absolute position from each layer's "
+            f"hidden states, on held-out windows (mean over seeds; a model infers position when some layer reaches "
+            f"{POSITION_PROBE_R2}):", "",
+            "| model | embeddings | " + " | ".join(f"after layer {i}" for i in range(1, layers)) + " | infers position |",
+            "|---|" + "---|" * (layers + 1)]
+    for variant, items in analyses.items():
+        if not items:
+            continue
+        r2 = [mean([a["position_probe_layers"][i] for a in items]) for i in range(layers)]
+        rows.append(f"| {variant} | " + " | ".join(f"{x:.3f}" for x in r2) +
+                    f" | {'yes' if max(r2) >= POSITION_PROBE_R2 else 'no'} (best {max(r2):.3f}) |")
+    return rows + [""]
+
+
+def _parameter_note(study: Study, base) -> list[str]:
+    counts = {v: _parameters(base, overrides) for v, overrides in study.variants.items()}
+    names = list(counts)
+    a, b = counts[names[0]], counts[names[1]]
+    return [f"Parameters: {names[0]} {a:,}, {names[1]} {b:,} ({names[1]} has {b - a:+,}, {100 * (b - a) / a:+.1f}%): "
+            "the two-matrix SiLU MLP at 4 x hidden is not matched exactly to SwiGLU's three matrices at 8/3 x hidden "
+            "rounded up to a multiple of 64.", ""]
+
+
+def _parameters(base, overrides: dict[str, Any]) -> int:
+    from tlm.model.transformer import TransformerLM
+
+    config = load_config(base_config_path_for(base), dict(overrides)).model_config()
+    with torch.device("meta"):
+        return TransformerLM(config).num_parameters()
+
+
+def _table(study: Study, groups: dict[str, list[dict]], base, analyses: dict[str, list[dict]]) -> list[str]:
+    kv = study.kind == "equivalent"
+    rows = ["| variant | seeds | final val loss (mean +- std) | diff to baseline [95% CI] | parameters |" +
+            (" KV cache @512 / @4096 (bf16, batch 1) | decode tokens/s @4096 (CPU) |" if kv else ""),
+            "|---|---|---|---|---|" + ("---|---|" if kv else "")]
+    baseline = groups.get(study.baseline, [])
+    for variant, runs in groups.items():
+        overrides = study.variants[variant]
+        config = load_config(base_config_path_for(base), dict(overrides)).model_config()
+        finals = [r["final_val"] for r in runs]
+        loss = f"{mean(finals):.4f} +- {std(finals):.4f}" if finals else "-"
+        diff = "baseline" if variant == study.baseline else (cell(compare(baseline, runs)) if runs and baseline else "-")
+        row = f"| {variant} | {len(runs)} | {loss} | {diff} | {_parameters(base, overrides):,} |"
+        if kv:
+            speeds = [a["decode"]["tokens_per_s"] for a in analyses.get(variant, []) if a.get("decode")]
+            row += (f" {kv_cache_bytes(config, 1, 512) / 2**20:.2f} MiB / {kv_cache_bytes(config, 1, 4096) / 2**20:.2f} MiB"
+                    f" | {f'{mean(speeds):.0f}' if speeds else '-'} |")
+        rows.append(row)
+    return rows + [""]
+
+
+def base_config_path_for(base) -> Path:
+    """The recipe file a loaded base config came from (its name is the scale)."""
+    return base_config_path(base.name)
+
+
+def _yarn_table(analyses: list[dict]) -> list[str]:
+    rows = ["| context | x trained | windows (all seeds) | perplexity, RoPE as trained | perplexity, YaRN "
+            "(factor = context / trained) |", "|---|---|---|---|---|"]
+    trained = analyses[0]["seq_len"]
+    lengths = sorted({row["length"] for a in analyses for row in a["long_context"]})
+    for n in lengths:
+        items = [row for a in analyses for row in a["long_context"] if row["length"] == n]
+        plain = mean([math.exp(r["plain"]) for r in items])
+        yarn = mean([math.exp(r["yarn"]) for r in items])
+        rows.append(f"| {n} | {n // trained} | {sum(r['windows'] for r in items)} | {plain:.1f} | {yarn:.1f} |")
+    return rows + [""]

@@ -1,0 +1,365 @@
+"""The one training configuration: YAML + dataclasses, command-line overrides, and its checks.
+
+A recipe is a YAML file of sections (`model`, `data`, `optim`, `schedule`, `batch`, `train`, `eval`,
+`checkpoint`, `logging`); `--section.key=value` overrides any field. Every key is checked against the
+dataclasses before anything starts, and the error names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tlm.model.config import ModelConfig, check_keys, get_preset
+from data_pipeline.errors import ConfigError
+
+BACKENDS = ("single", "ddp", "deepspeed", "fsdp2")
+SCHEDULES = ("cosine", "constant", "wsd")
+PRECISIONS = ("bf16", "fp32")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+NAN_POLICIES = ("skip", "stop", "off")
+
+
+@dataclass
+class DataSection:
+    prepared: str | None = None
+    """A folder written by `tlm prepare`. When None, `source` is prepared on first use under `cache_dir`."""
+    source: Any = None
+    """Raw text to prepare on first use (any `--data` of `tlm prepare`); None = the bundled demo corpus."""
+    val_source: Any = None
+    """Validation text for `source`; None with the bundled corpus = its held-out books."""
+    tokenizer: str | None = None
+    """Tokenizer folder; None = trained on `source` on first use under `cache_dir`."""
+    val_fraction: float | None = None
+    """Hold out this fraction of `source`'s documents for validation (chosen by a seeded hash of each document).
+    None: `val_source`; with the bundled corpus its separate held-out books. Not with `val_source`; a
+    `prepared` folder has its own split."""
+    vocab_size: int = 6400
+    """Vocabulary of a tokenizer trained on first use."""
+    cache_dir: str = "runs/cache"
+    """Where first-use tokenizers and prepared data are kept (shared by runs)."""
+    seq_len: int = 512
+    pack: bool = True
+    prefetch: int = 4
+
+
+@dataclass
+class OptimSection:
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    decay_norms_and_embeddings: bool = True
+    """False exempts norm weights and the (tied) embedding from weight decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+
+
+@dataclass
+class ScheduleSection:
+    kind: str = "cosine"
+    """cosine: warmup then cosine to min_lr_ratio * lr; constant: warmup then lr; wsd: warmup, stable,
+    then a linear decay to min_lr_ratio * lr over the last `decay_fraction` of the steps."""
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+
+
+@dataclass
+class BatchSection:
+    micro_batch_size: int = 32
+    """Sequences per rank per forward/backward."""
+    global_batch_size: int | None = None
+    """Sequences per optimizer step across all ranks; accumulation = global / (micro * world).
+    None (and no global_batch_tokens) = micro_batch_size x world size, no accumulation."""
+    global_batch_tokens: int | None = None
+    """Alternative to global_batch_size, in tokens (must be a multiple of seq_len)."""
+
+
+@dataclass
+class TrainSection:
+    backend: str = "deepspeed"
+    """single | ddp | deepspeed | fsdp2 (single becomes ddp when launched on several ranks)."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage 0-3 (ds_configs/zero{stage}.json)."""
+    precision: str = "bf16"
+    max_steps: int | None = None
+    """Optimizer steps; None = `epochs` over the training rows."""
+    epochs: float = 1.0
+    stop_at: int | None = None
+    """Stop after this step with a checkpoint, keeping the schedule of the whole run (resume continues it)."""
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False
+    """torch.compile the model (each decoder layer under FSDP2)."""
+    fused_adamw: bool | None = None
+    """torch's fused AdamW kernel; None = on CUDA only."""
+    loss_chunk: int = 0
+    """Compute the output projection + cross-entropy this many tokens at a time under checkpointing, so that
+    the logits of the whole batch are never held (0 = all at once)."""
+    nan_policy: str = "skip"
+    """Non-finite gradients (NaN/Inf): skip (no update, counted and reported), stop (a diagnostic dump, no
+    checkpoint of the bad state: the last good one is kept), or off (no check: saves one host sync a step)."""
+    max_skipped_steps: int = 20
+    """With nan_policy skip: stop as `stop` would after this many consecutive skipped steps."""
+    stop_grace_s: float = 110.0
+    """After SIGTERM / SIGUSR1 / the stop file: finish the step, checkpoint, exit; if that takes longer than
+    this, exit anyway (status 143) before the scheduler's SIGKILL (Slurm signals 120 s ahead)."""
+
+
+@dataclass
+class EvalSection:
+    every: int = 200
+    """Validation every N steps (0 = only at the end)."""
+    at_start: bool = False
+    """Also validate the initial weights (step 0), as a baseline for the curve."""
+    max_batches: int | None = 50
+    """Batches per validation pass (None = the whole split)."""
+    batch_size: int | None = None
+    """Sequences per rank per validation batch (None = micro_batch_size)."""
+    final_full: bool = False
+    """Evaluate the whole validation split after the last step (max_batches then applies to the evaluations
+    during training only): the final loss of a study, with its standard error across batches."""
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 500
+    """Checkpoint every N steps (0 = only at the end)."""
+    keep_last: int = 2
+    resume: str = "auto"
+    """auto: the newest complete checkpoint of the run, if any; none: start afresh; or a checkpoint folder."""
+    allow_change: Any = None
+    """Keys a resumed run may change on purpose, comma-separated (e.g. optim.lr,train.max_steps or schedule.*):
+    a resume refuses any change of the saved config (model, data, seq_len and seed never; run length,
+    optimisation and cadence only when named here, and then logged). See tlm/resume_check.py."""
+
+
+@dataclass
+class LoggingSection:
+    run_dir: str | None = None
+    """Run folder (metrics.jsonl, checkpoints/); default runs/<name>."""
+    log_every: int = 10
+    progress: bool = True
+    wandb: str = "auto"
+    """auto: online when WANDB_API_KEY is set, otherwise disabled; online | offline | disabled."""
+    wandb_project: str = "tlm"
+    sample_prompt: str | None = "It was a dark and stormy night"
+    """Printed with a generated continuation at the end of the run (None = no sample)."""
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": "tlm-26m"})
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    batch: BatchSection = field(default_factory=BatchSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.logging.run_dir or f"runs/{self.name}")
+
+    def model_config(self) -> ModelConfig:
+        values = dict(self.model)
+        preset = values.pop("preset", "tlm-26m")
+        return get_preset(preset, **values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def micro_steps(self, world_size: int) -> int:
+        """Gradient accumulation steps for `world_size` ranks; refuses batch sizes that do not divide."""
+        micro = self.batch.micro_batch_size
+        if self.batch.global_batch_tokens is not None:
+            if self.batch.global_batch_tokens % self.data.seq_len:
+                raise ConfigError(f"batch.global_batch_tokens ({self.batch.global_batch_tokens}) is not a multiple of "
+                                  f"data.seq_len ({self.data.seq_len})")
+            global_batch = self.batch.global_batch_tokens // self.data.seq_len
+        else:
+            global_batch = self.batch.global_batch_size or micro * world_size
+        if global_batch % (micro * world_size):
+            raise ConfigError(
+                f"batch: global batch {global_batch} sequences is not a multiple of micro_batch_size ({micro}) x "
+                f"world size ({world_size}); choose batch.global_batch_size = k * {micro * world_size}"
+            )
+        return global_batch // (micro * world_size)
+
+    def global_batch_size(self, world_size: int) -> int:
+        return self.micro_steps(world_size) * self.batch.micro_batch_size * world_size
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig) if f.name not in ("name", "model")}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check (and gently convert) a value against a field's type; name the key when it does not fit."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("null", "none"))):
+            return None  # YAML null, or null / none on the command line
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"config key '{key}' must be a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads 5e-4 as a string
+        except ValueError:
+            pass
+    if annotation is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"  # --train.compile=false from a command line
+    if annotation in (int, float, str, bool):
+        if isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
+            return value
+        raise ConfigError(f"config key '{key}' must be {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _set(config: TrainConfig, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if parts[0] == "name" and len(parts) == 1:
+        config.name = str(value)
+        return
+    if parts[0] == "model":
+        if len(parts) != 2:
+            raise ConfigError(f"config key '{dotted}': use model.<field>, e.g. model.num_key_value_heads")
+        if parts[1] != "preset":
+            check_keys({parts[1]: value}, "config section 'model'")
+        config.model[parts[1]] = value
+        return
+    if parts[0] not in SECTIONS:
+        hint = difflib.get_close_matches(parts[0], list(SECTIONS) + ["model", "name"], n=1)
+        raise ConfigError(f"unknown config key '{dotted}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                          + f"; sections: name, model, {', '.join(SECTIONS)}")
+    if len(parts) != 2:
+        raise ConfigError(f"config key '{dotted}': expected {parts[0]}.<field>")
+    section = getattr(config, parts[0])
+    hints = typing.get_type_hints(type(section))
+    if parts[1] not in hints:
+        hint = difflib.get_close_matches(parts[1], list(hints), n=1)
+        raise ConfigError(f"unknown config key '{dotted}'" + (f" (did you mean '{parts[0]}.{hint[0]}'?)" if hint else "")
+                          + f"; {parts[0]} has: {', '.join(hints)}")
+    setattr(section, parts[1], _coerce(value, hints[parts[1]], dotted))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and (key in SECTIONS or key == "model") and not prefix:
+            out.update(flatten(value, f"{dotted}."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A TrainConfig from a YAML recipe (or the defaults) with dotted overrides, validated."""
+    config = TrainConfig()
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file '{path}' " + ("is not a regular file" if file.exists() else "does not exist"))
+        try:
+            tree = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        config.name = file.stem
+        if "model" in tree:
+            config.model = {}
+        for key, value in flatten(tree).items():
+            try:
+                _set(config, key, value)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
+    for key, value in (overrides or {}).items():
+        _set(config, key.replace("-", "_"), value)
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    """Refuse impossible settings before anything starts (the model config is built to check it too)."""
+    config.model_config()
+    t = config.train
+    for key, value, choices in (("train.backend", t.backend, BACKENDS), ("train.precision", t.precision, PRECISIONS),
+                                ("schedule.kind", config.schedule.kind, SCHEDULES),
+                                ("logging.wandb", config.logging.wandb, WANDB_MODES),
+                                ("train.nan_policy", t.nan_policy, NAN_POLICIES)):
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' must be one of {choices}, got {value!r}")
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"config key 'train.zero_stage' must be 0, 1, 2 or 3, got {t.zero_stage}")
+    positive = {"batch.micro_batch_size": config.batch.micro_batch_size, "data.seq_len": config.data.seq_len,
+                "optim.lr": config.optim.lr, "train.epochs": t.epochs,
+                "train.stop_grace_s": t.stop_grace_s, "train.max_skipped_steps": t.max_skipped_steps}
+    for key, value in positive.items():
+        if not value > 0 or value == math.inf:  # NaN fails `> 0` too
+            raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    o = config.optim
+    non_negative = {"optim.weight_decay": o.weight_decay, "optim.grad_clip": o.grad_clip, "optim.eps": o.eps,
+                    "schedule.warmup_steps": config.schedule.warmup_steps, "eval.every": config.eval.every,
+                    "checkpoint.every": config.checkpoint.every, "checkpoint.keep_last": config.checkpoint.keep_last,
+                    "data.prefetch": config.data.prefetch, "train.loss_chunk": t.loss_chunk}
+    for key, value in non_negative.items():
+        if not value >= 0 or value == math.inf:
+            raise ConfigError(f"config key '{key}' must be a finite number >= 0, got {value}")
+    if not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1), got {list(o.betas)}")
+    for key, value in (("logging.log_every", config.logging.log_every), ("eval.max_batches", config.eval.max_batches),
+                       ("eval.batch_size", config.eval.batch_size), ("train.stop_at", t.stop_at)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    from tlm.checkpointing.resume_check import allowed_patterns, flatten_config
+
+    allowed_patterns(config.checkpoint.allow_change, set(flatten_config(config.to_dict())))
+    if t.max_steps is not None and t.max_steps <= 0:
+        raise ConfigError(f"config key 'train.max_steps' must be positive, got {t.max_steps}")
+    if config.batch.global_batch_tokens is not None and config.batch.global_batch_size is not None:
+        raise ConfigError("set batch.global_batch_size or batch.global_batch_tokens, not both")
+    config.micro_steps(1)  # divisibility for one rank; the world size is checked at launch
+    if not 0 <= config.schedule.min_lr_ratio <= 1 or not 0 < config.schedule.decay_fraction <= 1:
+        raise ConfigError("schedule.min_lr_ratio must be in [0, 1] and schedule.decay_fraction in (0, 1]")
+    if config.data.val_fraction is not None and not 0 < config.data.val_fraction < 1:
+        raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {config.data.val_fraction}")
+    if config.data.val_fraction is not None and config.data.val_source is not None:
+        raise ConfigError("set data.val_fraction (hold out part of data.source) or data.val_source, not both")
+    if config.data.prepared is not None and config.data.source is not None:
+        raise ConfigError("set data.prepared (a prepared folder) or data.source (raw text), not both")
+
+
+def to_yaml(config: TrainConfig) -> str:
+    """The resolved config as a YAML recipe (every section and key, defaults included): what --show_config prints,
+    and a file `tlm train --config` reads back to the same config."""
+    tree = json.loads(json.dumps(config.to_dict()))  # tuples as lists
+    return yaml.safe_dump(tree, sort_keys=False, default_flow_style=None, width=120)

@@ -1,0 +1,200 @@
+"""Training figures: FLOPs per token and MFU, the JSONL metrics file, and wandb (imported only when used).
+
+FLOPs per token (forward + backward = 3 x forward), the PaLM / nanoGPT accounting:
+
+    6 * N_matmul + 12 * num_hidden_layers * (num_attention_heads * head_dim) * seq_len
+
+N_matmul counts the weights every token multiplies through: the q/k/v/o and MLP projections of every
+layer plus the output projection (hidden x vocab, counted once even when tied to the embedding; the
+embedding lookup itself is free). The second term is attention's QK^T and AV products over the full
+seq_len window (causal masking is not discounted, as in PaLM's MFU). MFU = FLOPs per token x tokens/s
+/ the device's peak dense bf16 FLOP/s, from the table below; CPUs have no stated peak (tokens/s only).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from tlm.model.config import ModelConfig
+from data_pipeline.fileio import LineAppender, atomic_write_bytes
+from data_pipeline.schema import NonNegInt, PosInt, Schema, StrictBool, load_json_text, parse
+
+log = logging.getLogger("tlm")
+
+# Dense bf16 peak FLOP/s per device (vendor datasheets, SXM / no sparsity).
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+}
+
+
+def matmul_params(config: ModelConfig) -> int:
+    h, d = config.hidden_size, config.head_dim
+    attention = h * d * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    mlp = (3 if config.mlp == "swiglu" else 2) * h * config.intermediate_size
+    return config.num_hidden_layers * (attention + mlp) + h * config.vocab_size
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token (see the module docstring)."""
+    attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    return 6 * matmul_params(config) + attention
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Peak dense bf16 FLOP/s of a device, matched by name (None when unknown, e.g. CPUs)."""
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in device_name.upper():
+            return value
+    return None
+
+
+class MetricsFile:
+    """Appends one JSON object per line, each written whole (see LineAppender): a crash loses nothing already
+    logged, a full disk tears no line, and a torn last line left by a kill is cut when the run resumes."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = LineAppender(path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write_json(record)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class MetricsRecord(Schema):
+    """One line of metrics.jsonl as read back: a step, and numbers (or null) for the figures."""
+
+    step: NonNegInt
+    loss: float | None = None
+    val_loss: float | None = None
+    val_ppl: float | None = None
+    val_tokens: NonNegInt | None = None
+    val_loss_se: float | None = None
+    lr: float | None = None
+    tokens_seen: NonNegInt | None = None
+    tokens_per_s: float | None = None
+    config_change: dict[str, Any] | None = None
+
+
+class RunSummary(Schema):
+    """summary.json as read back (by the ablation runner and its report)."""
+
+    steps: NonNegInt
+    total_steps: PosInt
+    complete: StrictBool
+    tokens_seen: NonNegInt = 0
+    num_parameters: NonNegInt | None = None
+    val_loss: float | None = None
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """A run's summary.json, validated."""
+    from data_pipeline.errors import TLMError
+
+    data = load_json_text(path, TLMError)
+    parse(RunSummary, data, str(path), TLMError)
+    return data
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, each validated; a torn last line (a kill while writing) is left out
+    with a warning, a bad line elsewhere is an error naming the line."""
+    from data_pipeline.errors import TLMError
+
+    if not path.is_file():
+        raise TLMError(f"{path} is missing")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        torn = number == len(lines)  # no newline after it
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if torn:
+                log.warning("%s: its last line is torn (a write was interrupted); it is left out", path)
+                continue
+            raise TLMError(f"{path}:{number}: not valid JSON ({e})") from None
+        parse(MetricsRecord, record, f"{path}:{number}", TLMError)
+        records.append(record)
+    return records
+
+
+class WandbLogger:
+    """wandb when asked for; never imported otherwise. A failing wandb warns and turns itself off."""
+
+    def __init__(self, mode: str, project: str, name: str, config: dict[str, Any], run_dir: Path) -> None:
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "disabled"
+        self.mode = mode
+        self.run = None
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+
+            self.run = wandb.init(project=project, name=name, config=config, dir=str(run_dir), mode=mode,
+                                  resume="allow", id=_run_id(run_dir))
+        except Exception as e:  # no key, no network, bad settings: training goes on
+            log.warning("wandb %s is off: %s: %s", mode, type(e).__name__, e)
+            self.run = None
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.log(record, step=step)
+        except Exception as e:
+            log.warning("wandb logging failed, turning it off: %s", e)
+            self.run = None
+
+    def update_config(self, values: dict[str, Any]) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.config.update(values, allow_val_change=True)
+        except Exception as e:
+            log.warning("wandb config update failed: %s", e)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            try:
+                self.run.finish()
+            except Exception as e:
+                log.warning("wandb finish failed: %s", e)
+
+
+def _run_id(run_dir: Path) -> str:
+    """A stable wandb run id per run folder, so a resumed run continues the same wandb run."""
+    path = run_dir / "wandb_run_id"
+    if path.exists():
+        run_id = path.read_text(encoding="utf-8", errors="replace").strip()
+        if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):
+            return run_id
+        log.warning("%s holds %r, not a wandb run id; a new one is made", path, run_id[:40])
+    import uuid
+
+    run_id = uuid.uuid4().hex[:12]
+    atomic_write_bytes(path, run_id.encode())
+    return run_id
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, disable=not enabled, dynamic_ncols=True,
+                mininterval=1.0)
