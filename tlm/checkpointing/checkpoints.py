@@ -22,7 +22,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal, Protocol
 
 import numpy as np
 import torch
@@ -242,3 +242,90 @@ def prune(run_dir: Path, keep_last: int) -> None:
         if path < oldest_kept:
             (path / COMPLETE).unlink(missing_ok=True)  # first, so that a kill during the removal leaves it incomplete
             shutil.rmtree(path, ignore_errors=True)
+
+
+class Stateful(Protocol):
+    """A part of a run that a checkpoint saves and restores (the data stream, the trainer's counters, ...)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class BackendFiles(Protocol):
+    """What a training backend offers a checkpoint: its own files, and the full fp32 state for the model folder."""
+
+    def save(self, path: Path) -> None: ...
+
+    def load(self, path: Path, saved_world_size: int) -> None: ...
+
+    def full_state_dict(self, path: Path) -> dict[str, Any]: ...
+
+
+class Checkpointer:
+    """Saves a run's parts into RUN/checkpoints/step-N/ and restores them: the backend's files (every rank), every
+    rank's RNG, the stateful parts and the run's description in trainer.json, and the consolidated model folder
+    (rank 0). COMPLETE is written last, after a barrier, then `latest`; old checkpoints are pruned.
+
+    A write that fails (a full disk, a quota, an I/O error) removes what it wrote and raises a CheckpointError
+    that names the failure; the previous checkpoint is untouched.
+    """
+
+    def __init__(self, run_dir: Path, rank: int, world_size: int, backend: BackendFiles, parts: dict[str, Stateful],
+                 describe: Callable[[], dict[str, Any]], write_model: Callable[[dict[str, Any], Path, int], None],
+                 keep_last: int, barrier: Callable[[], None], hook: Callable[[int], None] | None = None) -> None:
+        self.run_dir, self.rank, self.world_size = run_dir, rank, world_size
+        self.backend, self.parts, self.describe, self.write_model = backend, parts, describe, write_model
+        self.keep_last, self.barrier, self.hook = keep_last, barrier, hook
+
+    def save(self, step: int) -> Path:
+        path = checkpoint_dir(self.run_dir, step)
+        main = self.rank == 0
+        try:
+            if main:
+                if path.exists():  # a leftover of a run killed while saving this very step
+                    shutil.rmtree(path)
+                (path / "backend").mkdir(parents=True)
+            self.barrier()
+            self.backend.save(path / "backend")
+            save_rng(path, self.rank)
+            state = self.backend.full_state_dict(path / "backend")
+            if self.hook is not None:
+                self.hook(step)  # fault injection: between the backend's files and COMPLETE
+            if main:
+                self.write_model(state, path / "model", step)
+                parts = {}
+                for name, part in self.parts.items():  # the part named "" sits at the top level
+                    parts.update(part.state_dict() if name == "" else {name: part.state_dict()})
+                write_trainer_state(path, {**self.describe(), "world_size": self.world_size, **parts})
+            self.barrier()
+            if main:
+                mark_complete(self.run_dir, path)
+        except OSError as e:
+            raise self._failed(e, step, path) from e
+        if main:
+            prune(self.run_dir, self.keep_last)
+        self.barrier()
+        return path
+
+    def _failed(self, error: OSError, step: int, path: Path) -> CheckpointError:
+        from data_pipeline.fileio import DiskFullError, free_bytes, human_bytes
+
+        if self.rank == 0:
+            shutil.rmtree(path, ignore_errors=True)  # free the space a full disk needs back
+        previous = find_resume(self.run_dir, "auto") if self.rank == 0 else None
+        kept = f"the previous checkpoint {previous} is intact" if previous else "there is no previous checkpoint"
+        if isinstance(error, DiskFullError):
+            what = f"{error.what} writing {error.path} ({human_bytes(free_bytes(path))} free there)"
+            then = "; free some space and rerun the same command to resume from it"
+        else:
+            what, then = f"{error.strerror or error} ({type(error).__name__}, errno {error.errno})", ""
+        return CheckpointError(f"could not write the checkpoint of step {step} in {path}: {what}; {kept}{then}")
+
+    def restore(self, path: Path, state: dict[str, Any]) -> bool:
+        """Load the backend's files and every part from checkpoint `path` (its trainer.json is `state`); returns
+        whether this rank's RNG states were there (not after a change of world size)."""
+        self.backend.load(path / "backend", state["world_size"])
+        for name, part in self.parts.items():
+            part.load_state_dict(state if name == "" else state[name])
+        return load_rng(path, self.rank)

@@ -20,7 +20,7 @@ from data_pipeline.errors import ConfigError
 from tlm.training.config import TrainConfig, load_config
 
 log = logging.getLogger("tlm")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "ablations"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "ablations"
 SCALES = ("cpu", "h200")
 LR_MULTIPLIERS = (0.2, 0.5, 1, 2, 5)
 STABILITY_MULTIPLIERS = (0.2, 1, 5)

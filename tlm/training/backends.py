@@ -34,7 +34,7 @@ from tlm.training.optim import adamw, param_groups
 from tlm.training.config import TrainConfig
 
 log = logging.getLogger("tlm")
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 DS_TAG = "deepspeed"
 
 
@@ -396,3 +396,28 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def check_resume(path: Path, state: dict[str, Any], config: TrainConfig) -> None:
+    """Refuse to resume a checkpoint another backend wrote (its files are another format). Plain and DDP share
+    one format; DeepSpeed's must come from the same ZeRO stage."""
+    from data_pipeline.errors import CheckpointError
+
+    backend = config.train.backend
+    plain = ("single", "ddp")  # a single process resumes DDP's checkpoint and vice versa
+    same = state["backend"] == backend or {state["backend"], backend} <= set(plain)
+    if not same or (backend == "deepspeed" and state["zero_stage"] != config.train.zero_stage):
+        raise CheckpointError(f"{path} was written by backend {state['backend']} (ZeRO {state['zero_stage']}); "
+                              f"this run uses {backend} (ZeRO {config.train.zero_stage})")
+
+
+def prepare_resume(path: Path, state: dict[str, Any], config: TrainConfig, info: DistInfo) -> bool:
+    """Whether this backend loads the checkpoint through DeepSpeed's universal format (a ZeRO 1-3 checkpoint
+    written by another number of ranks), converting it once on rank 0; plain and FSDP2 re-shard by themselves."""
+    universal = (state["world_size"] != info.world_size and config.train.backend == "deepspeed"
+                 and config.train.zero_stage > 0)
+    if universal and info.is_main:
+        convert_to_universal(path / "backend")
+    if dist.is_initialized():
+        dist.barrier()
+    return universal

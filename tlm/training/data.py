@@ -14,16 +14,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
-from data_pipeline.dataset import load_manifest
+from data_pipeline.dataset import TokenRows, load_manifest
 from tlm.training.backends import from_rank0
 from data_pipeline.errors import CheckpointError, ConfigError
 from data_pipeline.locks import FolderLock
 from tlm.checkpointing.resume_check import NEW_RUN
+from tlm.model.config import ModelConfig
 from tlm.training.config import TrainConfig
 
 log = logging.getLogger("tlm")
@@ -108,3 +110,57 @@ def resolve_data(config: TrainConfig, is_main: bool, expect: dict[str, Any] | No
         prepare(prepare_config, progress=False, wait=True)
     _barrier()
     return prepared, tokenizer
+
+
+@dataclass
+class RunData:
+    """The data of a run, checked: the train (and val) rows, the tokenizer, the model config with the tokenizer's
+    special ids, and the identity a checkpoint records (fingerprint, tokenizer sha256, inputs)."""
+
+    rows: TokenRows
+    val_rows: TokenRows | None
+    tokenizer_dir: Path | None
+    model_config: ModelConfig
+    identity: dict[str, Any]
+
+    @property
+    def packed(self) -> bool:
+        return self.rows.pack
+
+
+def model_config_for(config: TrainConfig, tokenizer_dir: Path | None) -> ModelConfig:
+    """The run's model config, its bos/eos/pad ids taken from the tokenizer unless the config sets them."""
+    model_config = config.model_config()
+    if tokenizer_dir is not None:
+        from data_pipeline.tokenizer_files import special_token_ids
+
+        ids = {k: v for k, v in special_token_ids(tokenizer_dir).items() if k not in config.model}
+        model_config = model_config.replace(**ids)
+    return model_config
+
+
+def load_run_data(config: TrainConfig, is_main: bool, expect: dict[str, Any] | None = None) -> RunData:
+    """Resolve (and on first use prepare) the run's data, then check it before step 1: the packing mode, the
+    tokenizer, the sequence length, token ids within the vocabulary. Rank 0 verifies every shard's sha256."""
+    from data_pipeline.dataset import check_compatible, check_token_range
+
+    prepared, tokenizer_dir = resolve_data(config, is_main, expect)
+    verify = "sha256" if is_main else "size"
+    rows = TokenRows(prepared, "train", verify=verify)
+    manifest = rows.manifest
+    if (manifest["mode"] == "pack") != config.data.pack:
+        raise ConfigError(f"data.pack is {config.data.pack} but {prepared} was prepared in {manifest['mode']} mode")
+    model_config = model_config_for(config, tokenizer_dir)
+    tok_sha = None
+    if tokenizer_dir is not None:
+        from data_pipeline.tokenizer import tokenizer_sha256
+
+        tok_sha = tokenizer_sha256(tokenizer_dir)
+    check_compatible(manifest, model_config.vocab_size, config.data.seq_len, tok_sha, where=str(prepared))
+    val_rows = TokenRows(prepared, "val", verify=verify) if manifest["splits"]["val"]["rows"] else None
+    for split in (rows, val_rows):  # before step 1: an id past the embedding is a crash on a GPU
+        if split is not None:
+            check_token_range(split, model_config.vocab_size)
+    identity = {"fingerprint": manifest["fingerprint"], "tokenizer_sha256": tok_sha, "prepared": str(prepared),
+                "inputs": manifest.get("inputs")}
+    return RunData(rows, val_rows, tokenizer_dir, model_config, identity)

@@ -193,6 +193,52 @@ def _run_id(run_dir: Path) -> str:
     return run_id
 
 
+class RunLogger:
+    """Where a run's figures go: metrics.jsonl and wandb (rank 0), the history the summary is made of, and the
+    progress bar on a terminal, with messages (validation losses) printed above it instead of through it."""
+
+    def __init__(self, config: dict[str, Any], name: str, run_dir: Path, is_main: bool, mode: str, project: str,
+                 progress: bool) -> None:
+        self.is_main = is_main
+        self.history: list[dict[str, Any]] = []
+        self.metrics = MetricsFile(run_dir / "metrics.jsonl") if is_main else None
+        self.wandb = WandbLogger(mode, project, name, config, run_dir) if is_main else None
+        self.interactive = is_main and progress and sys.stderr.isatty()
+        self.bar = None
+
+    def start_progress(self, total: int, initial: int) -> None:
+        """The bar starts after the start-up lines, so that it never tangles with them."""
+        self.bar = progress_bar(total, initial, self.interactive)
+
+    def record(self, values: dict[str, Any]) -> None:
+        if self.is_main:
+            self.metrics.write(values)
+            self.wandb.log({k: v for k, v in values.items() if k != "step"}, step=values["step"])
+        self.history.append(values)
+
+    def say(self, message: str) -> None:
+        """A line for the user (rank 0): above the progress bar on a terminal, a log line otherwise."""
+        if not self.is_main:
+            return
+        if self.interactive and self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            log.info("%s", message)
+
+    def update(self, steps: int = 1, **postfix: str) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+            if postfix:
+                self.bar.set_postfix(refresh=False, **postfix)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.is_main:
+            self.metrics.close()
+            self.wandb.finish()
+
+
 def progress_bar(total: int, initial: int, enabled: bool):
     from tqdm import tqdm
 

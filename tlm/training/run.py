@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("tlm")
-CONFIGS = Path(__file__).resolve().parent.parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def default_recipe() -> Path:

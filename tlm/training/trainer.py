@@ -1,7 +1,10 @@
-"""The training loop: data, backend, schedule, evaluation, checkpoints and logging for one run.
+"""The training loop of one run: every rank runs it, as one plain process or under a launcher (torchrun,
+deepspeed, srun); rank 0 writes the metrics, the consolidated model and the pointers.
 
-`train(config)` works the same as one plain process or under a launcher (torchrun, deepspeed, srun):
-every rank runs this code, rank 0 writes the metrics, the consolidated model and the pointers.
+The Trainer coordinates parts it is handed or builds with one call each: the run folder's lock, the data
+(`tlm.training.data.load_run_data`), the backend (`make_backend`, with its own resume rules), the data stream,
+the checkpointer (`tlm.checkpointing.checkpoints.Checkpointer`: backend, stream, counters, RNG) and the logger
+(`tlm.training.metrics.RunLogger`). What stays here is the loop.
 """
 
 from __future__ import annotations
@@ -9,42 +12,31 @@ from __future__ import annotations
 import logging
 import math
 import resource
-import shutil
-import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 import tlm
-from tlm.training import faults
-from data_pipeline.dataset import TokenRows, check_compatible, check_token_range
-from data_pipeline.stream import TokenStream, make_batch
-from tlm.training.backends import Backend, DistInfo, convert_to_universal, from_rank0, init_distributed, make_backend
-from tlm.checkpointing.model_dir import read_model_meta, save_model_dir
-from data_pipeline.errors import CheckpointError, ConfigError, RankAgreedError, TLMError, TrainingError
-from data_pipeline.fileio import DiskFullError, atomic_write_json, human_bytes, free_bytes
+from data_pipeline.errors import CheckpointError, RankAgreedError, TLMError, TrainingError
+from data_pipeline.fileio import atomic_write_json
 from data_pipeline.locks import FolderLock
-from tlm.training.metrics import MetricsFile, WandbLogger, flops_per_token, peak_flops, progress_bar
+from data_pipeline.stream import TokenStream
+from tlm.checkpointing.checkpoints import Checkpointer, checkpoint_dir, find_resume, read_trainer_state
+from tlm.checkpointing.model_dir import read_model_meta, save_model_dir
+from tlm.checkpointing.resume_check import check_config, check_data, diff_lines, model_changes
 from tlm.model.transformer import TransformerLM
+from tlm.training import faults
+from tlm.training.backends import check_resume, from_rank0, init_distributed, make_backend, prepare_resume
+from tlm.training.config import TrainConfig
+from tlm.training.data import load_run_data
+from tlm.training.evaluate import evaluate
+from tlm.training.metrics import RunLogger, flops_per_token, peak_flops
 from tlm.training.optim import lr_at
 from tlm.training.preemption import INTERRUPTED, StopRequest
-from tlm.checkpointing.resume_check import check_config, check_data, diff_lines, model_changes
-from tlm.training.config import TrainConfig
-from tlm.training.data import resolve_data
-from tlm.checkpointing.checkpoints import (
-    checkpoint_dir,
-    find_resume,
-    load_rng,
-    mark_complete,
-    prune,
-    read_trainer_state,
-    save_rng,
-    write_trainer_state,
-)
 
 log = logging.getLogger("tlm")
 
@@ -60,128 +52,10 @@ def _barrier() -> None:
         dist.barrier()
 
 
-@torch.no_grad()
-def evaluate(backend: Backend, rows: TokenRows, batch_size: int, max_batches: int | None, info: DistInfo,
-             progress: bool = False) -> dict[str, float]:
-    """Validation loss and perplexity over (up to max_batches x batch_size x world) rows of a split.
-
-    Every rank runs the same number of forwards (a rank with no rows left runs a weightless one),
-    because ZeRO-3 and FSDP2 gather parameters collectively inside forward.
-    """
-    world, rank = info.world_size, info.rank
-    total = len(rows) if max_batches is None else min(len(rows), max_batches * batch_size * world)
-    mine = np.arange(rank, total, world, dtype=np.int64)
-    steps = math.ceil(math.ceil(total / world) / batch_size)
-    # loss sum, tokens; and over full batches their mean losses' sum, sum of squares and count (for the SE)
-    sums = torch.zeros(5, dtype=torch.float64, device=info.device)
-    backend.train_mode(False)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=steps, unit="batch", desc="evaluating", file=sys.stderr, mininterval=1.0, leave=False)
-    for i in range(steps):
-        if bar is not None:
-            bar.update(1)
-        indices = mine[i * batch_size : (i + 1) * batch_size]
-        weight = 1.0 if len(indices) else 0.0
-        batch = make_batch(rows, indices if len(indices) else np.zeros(1, dtype=np.int64))
-        batch = {k: v.to(info.device) for k, v in batch.items()}
-        mask = batch.get("loss_mask")
-        loss_sum = weight * backend.loss_sum(batch).double()
-        tokens = weight * (mask.sum() if mask is not None else batch["labels"].numel())
-        sums[0] += loss_sum
-        sums[1] += tokens
-        if len(indices) == batch_size:
-            batch_mean = loss_sum / tokens
-            sums[2:] += torch.stack([batch_mean, batch_mean**2, torch.ones_like(batch_mean)])
-    if bar is not None:
-        bar.close()
-    backend.train_mode(True)
-    _all_reduce(sums)
-    loss = (sums[0] / sums[1]).item()
-    result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(sums[1].item())}
-    n = sums[4].item()
-    if n >= 2:  # the standard error of the mean over batches (batches of neighbouring rows: a lower bound)
-        variance = max(0.0, (sums[3].item() - sums[2].item() ** 2 / n) / (n - 1))
-        result["val_loss_se"] = math.sqrt(variance / n)
-    return result
-
-
-def _model_config(config: TrainConfig, tokenizer_dir: Path | None):
-    model_config = config.model_config()
-    if tokenizer_dir is not None:
-        from data_pipeline.tokenizer_files import special_token_ids
-
-        ids = {k: v for k, v in special_token_ids(tokenizer_dir).items() if k not in config.model}
-        model_config = model_config.replace(**ids)
-    return model_config
-
-
-def save_checkpoint(run_dir: Path, step: int, backend: Backend, stream: TokenStream, config: TrainConfig,
-                    model_config, tokenizer_dir: Path | None, info: DistInfo, extra: dict[str, Any]) -> Path:
-    """Write a complete checkpoint on every rank; it becomes visible (COMPLETE, latest) only at the end.
-
-    A write that fails (a full disk, a quota, an I/O error) removes what it wrote and raises a
-    CheckpointError that names the failure; the previous checkpoint is untouched.
-    """
-    path = checkpoint_dir(run_dir, step)
-    try:
-        if info.is_main:
-            if path.exists():  # a leftover of a run killed while saving this very step
-                shutil.rmtree(path)
-            (path / "backend").mkdir(parents=True)
-        _barrier()
-        backend.save(path / "backend")
-        save_rng(path, info.rank)
-        state = backend.full_state_dict(path / "backend")
-        if faults.hit(faults.active(), "kill_in_save", step, info.rank):
-            faults.kill_self(f"while writing the checkpoint of step {step}")
-        if faults.hit(faults.active(), "stall_in_save", step, info.rank):
-            time.sleep(60)
-        if info.is_main:
-            with torch.device("meta"):
-                model = TransformerLM(model_config)
-            model.load_state_dict(state, assign=True, strict=False)
-            if model_config.tie_word_embeddings:
-                model.lm_head.weight = model.embed_tokens.weight
-            save_model_dir(model, path / "model", tokenizer_dir=tokenizer_dir,
-                           extra={"trained_steps": step, "trained_seq_len": config.data.seq_len})
-            write_trainer_state(path, {
-                "step": step,
-                "world_size": info.world_size,
-                "backend": config.train.backend,
-                "zero_stage": config.train.zero_stage,
-                "stream": stream.state_dict(),
-                "config": config.to_dict(),
-                "model": model_config.to_dict(),
-                "tlm_version": tlm.__version__,
-                **extra,
-            })
-        _barrier()
-        if info.is_main:
-            mark_complete(run_dir, path)
-    except OSError as e:
-        if info.is_main:
-            shutil.rmtree(path, ignore_errors=True)  # free the space a full disk needs back
-        previous = find_resume(run_dir, "auto") if info.is_main else None
-        kept = f"the previous checkpoint {previous} is intact" if previous else "there is no previous checkpoint"
-        if isinstance(e, DiskFullError):
-            what = f"{e.what} writing {e.path} ({human_bytes(free_bytes(path))} free there)"
-            then = "; free some space and rerun the same command to resume from it"
-        else:
-            what, then = f"{e.strerror or e} ({type(e).__name__}, errno {e.errno})", ""
-        raise CheckpointError(f"could not write the checkpoint of step {step} in {path}: {what}; {kept}{then}") from e
-    if info.is_main:
-        prune(run_dir, config.checkpoint.keep_last)
-    _barrier()
-    return path
-
-
 def _sample(model_dir: Path, prompt: str, device: torch.device) -> str | None:
+    from data_pipeline.tokenizer_files import has_tokenizer, load_tokenizer
     from tlm.checkpointing.model_dir import load_model_dir
     from tlm.model.generate import generate
-    from data_pipeline.tokenizer_files import has_tokenizer, load_tokenizer
 
     if not has_tokenizer(model_dir):
         return None
@@ -192,9 +66,24 @@ def _sample(model_dir: Path, prompt: str, device: torch.device) -> str | None:
     return prompt + tok.decode(ids)
 
 
+@dataclass
+class Progress:
+    """The trainer's own counters: saved at the top level of trainer.json and restored from it."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens_seen = state["step"], state.get("tokens_seen", 0)
+        self.skipped_steps = state.get("skipped_steps", 0)
+
+
 class Trainer:
-    """One run: own the run folder, check a resume's config, set up data, model, backend, stream and logging,
-    then `run()` it."""
+    """One run: own the run folder, check a resume's config, then set up its parts and `run()` the loop."""
 
     def __init__(self, config: TrainConfig) -> None:
         self.started = time.perf_counter()
@@ -208,9 +97,13 @@ class Trainer:
         self.lock = self._own_run_dir()
         try:
             self._check_resume()
-            self._setup_data()
-            self._setup_model_and_resume()
-            self._setup_logging()
+            self.data = load_run_data(config, info.is_main, self.state.get("data") if self.state else None)
+            self._check_resumed_data()
+            self.model_config = self.data.model_config
+            self.total_steps = config.train.max_steps or max(
+                1, math.ceil(config.train.epochs * len(self.data.rows) / self.global_batch))
+            self._build()
+            self._start_logging()
         except BaseException:
             self.release()
             raise
@@ -237,92 +130,62 @@ class Trainer:
 
     def _check_resume(self) -> None:
         """Find the checkpoint to resume and prove this run's config may continue it, before any work."""
-        config, info = self.config, self.info
+        config = self.config
         self.resume = find_resume(self.run_dir, config.checkpoint.resume)
         self.state = state = read_trainer_state(self.resume) if self.resume is not None else None
         self.change_log: list[dict[str, Any]] = list(state.get("config_changes", [])) if state else []
         self.changes: dict[str, tuple[Any, Any]] = {}
         if state is None:
             return
-        plain = ("single", "ddp")  # one format: a single process resumes DDP's checkpoint and vice versa
-        same = state["backend"] == config.train.backend or {state["backend"], config.train.backend} <= set(plain)
-        if not same or (config.train.backend == "deepspeed" and state["zero_stage"] != config.train.zero_stage):
-            raise CheckpointError(f"{self.resume} was written by backend {state['backend']} (ZeRO {state['zero_stage']}); "
-                                  f"this run uses {config.train.backend} (ZeRO {config.train.zero_stage})")
+        check_resume(self.resume, state, config)
         self.saved_model = state.get("model") or read_model_meta(self.resume / "model")["model"]
         self.changes = check_config(self.resume, state["config"], config.to_dict(), self.saved_model,
                                     config.model_config().to_dict(), config.checkpoint.allow_change)
         if self.changes:
             self.change_log.append({"step": state["step"], "changes": {k: list(v) for k, v in self.changes.items()}})
-            if info.is_main:
+            if self.info.is_main:
                 log.warning("resuming with changed settings (allowed): %s", diff_lines(self.changes))
 
-    def _setup_data(self) -> None:
+    def _check_resumed_data(self) -> None:
+        """A resumed run's data and tokenizer must be those its checkpoint was trained on (by content)."""
+        if self.state is None:
+            return
+        saved, identity = self.state.get("data"), self.data.identity
+        changes = None
+        if saved and saved.get("inputs") and identity.get("inputs"):
+            from data_pipeline.prepare import input_changes
+
+            changes = input_changes(saved["inputs"], identity["inputs"])
+        check_data(self.resume, saved, identity["fingerprint"], identity["tokenizer_sha256"], changes)
+        tokenizer_ids = model_changes(self.saved_model, self.data.model_config.to_dict(), with_tokenizer_ids=True)
+        if tokenizer_ids:
+            raise CheckpointError(f"cannot resume {self.resume}: {diff_lines(tokenizer_ids)} (from the tokenizer); "
+                                  "the weights were trained with the old ids; start a new run")
+
+    def _build(self) -> None:
+        """Model, backend, stream and checkpointer; then, when resuming, everything restored from the checkpoint."""
         config, info = self.config, self.info
-        expect = self.state.get("data") if self.state else None
-        prepared, self.tokenizer_dir = resolve_data(config, info.is_main, expect)
-        verify = "sha256" if info.is_main else "size"
-        self.rows = TokenRows(prepared, "train", verify=verify)
-        manifest = self.rows.manifest
-        if (manifest["mode"] == "pack") != config.data.pack:
-            raise ConfigError(f"data.pack is {config.data.pack} but {prepared} was prepared in {manifest['mode']} mode")
-        self.packed = manifest["mode"] == "pack"
-        self.model_config = _model_config(config, self.tokenizer_dir)
-        tok_sha = None
-        if self.tokenizer_dir is not None:
-            from data_pipeline.tokenizer import tokenizer_sha256
-
-            tok_sha = tokenizer_sha256(self.tokenizer_dir)
-        check_compatible(manifest, self.model_config.vocab_size, self.seq_len, tok_sha, where=str(prepared))
-        self.val_rows = TokenRows(prepared, "val", verify=verify) if manifest["splits"]["val"]["rows"] else None
-        for rows in (self.rows, self.val_rows):  # before step 1: an id past the embedding is a crash on a GPU
-            if rows is not None:
-                check_token_range(rows, self.model_config.vocab_size)
-        self.data_identity = {"fingerprint": manifest["fingerprint"], "tokenizer_sha256": tok_sha,
-                              "prepared": str(prepared), "inputs": manifest.get("inputs")}
-        if self.state is not None:
-            saved = self.state.get("data")
-            changes = None
-            if saved and saved.get("inputs") and manifest.get("inputs"):
-                from data_pipeline.prepare import input_changes
-
-                changes = input_changes(saved["inputs"], manifest["inputs"])
-            check_data(self.resume, saved, manifest["fingerprint"], tok_sha, changes)
-            tokenizer_ids = model_changes(self.saved_model, self.model_config.to_dict(), with_tokenizer_ids=True)
-            if tokenizer_ids:
-                raise CheckpointError(f"cannot resume {self.resume}: {diff_lines(tokenizer_ids)} (from the tokenizer); "
-                                      "the weights were trained with the old ids; start a new run")
-        self.total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * len(self.rows) / self.global_batch))
-
-    def _setup_model_and_resume(self) -> None:
-        config, info = self.config, self.info
-        state = self.state
-        load_universal = False
-        if state is not None:
-            load_universal = (state["world_size"] != info.world_size and config.train.backend == "deepspeed"
-                              and config.train.zero_stage > 0)
-            if load_universal and info.is_main:
-                convert_to_universal(self.resume / "backend")
-            _barrier()
+        universal = prepare_resume(self.resume, self.state, config, info) if self.state is not None else False
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
         self.model = TransformerLM(self.model_config)
-        self.backend = make_backend(self.model, config, info, self.accumulation, load_universal)
-        self.stream = TokenStream(self.rows, self.micro, info.rank, info.world_size, seed=config.train.seed,
+        self.backend = make_backend(self.model, config, info, self.accumulation, universal)
+        self.stream = TokenStream(self.data.rows, self.micro, info.rank, info.world_size, seed=config.train.seed,
                                   prefetch=config.data.prefetch, pin_memory=info.device.type == "cuda")
-        self.step, self.tokens_seen, self.last_saved = 0, 0, -1
-        self.skipped_steps, self.consecutive_skips = 0, 0
+        self.progress = Progress()
+        self.checkpointer = Checkpointer(self.run_dir, info.rank, info.world_size, self.backend,
+                                         {"": self.progress, "stream": self.stream}, self._describe, self._write_model,
+                                         config.checkpoint.keep_last, _barrier, self._save_hook)
+        self.last_saved, self.consecutive_skips = -1, 0
         self.faults = faults.active()
-        if state is not None:
-            self.backend.load(self.resume / "backend", state["world_size"])
-            self.stream.load_state_dict(state["stream"])
-            self.step, self.tokens_seen, self.last_saved = state["step"], state.get("tokens_seen", 0), state["step"]
-            self.skipped_steps = state.get("skipped_steps", 0)
-            if not load_rng(self.resume, info.rank):
-                torch.manual_seed(config.train.seed + self.step)
-            log.info("resumed from %s at step %d (%d samples consumed)", self.resume, self.step,
+        self.last_eval: dict[str, float] = {}
+        if self.state is not None:
+            if not self.checkpointer.restore(self.resume, self.state):
+                torch.manual_seed(config.train.seed + self.progress.step)  # another world size: no RNG for this rank
+            self.last_saved = self.progress.step
+            log.info("resumed from %s at step %d (%d samples consumed)", self.resume, self.progress.step,
                      self.stream.consumed_samples)
 
-    def _setup_logging(self) -> None:
+    def _start_logging(self) -> None:
         config, info = self.config, self.info
         if info.is_main and info.device.type == "cpu" and config.train.precision == "bf16" \
                 and "AVX512" not in torch.backends.cpu.get_cpu_capability():
@@ -330,49 +193,66 @@ class Trainer:
                         "fp32; consider --train.precision=fp32", torch.backends.cpu.get_cpu_capability())
         self.flops = flops_per_token(self.model_config, self.seq_len)
         self.peak = peak_flops(torch.cuda.get_device_name(info.device)) if info.device.type == "cuda" else None
-        self.history: list[dict[str, Any]] = []
-        self.metrics = MetricsFile(self.run_dir / "metrics.jsonl") if info.is_main else None
-        self.wandb = WandbLogger(config.logging.wandb, config.logging.wandb_project, config.name, config.to_dict(),
-                                 self.run_dir) if info.is_main else None
+        self.logger = RunLogger(config.to_dict(), config.name, self.run_dir, info.is_main, config.logging.wandb,
+                                config.logging.wandb_project, config.logging.progress)
         if self.changes:
-            self.record({"step": self.step, "config_change": {k: list(v) for k, v in self.changes.items()}})
+            self.logger.record({"step": self.step, "config_change": {k: list(v) for k, v in self.changes.items()}})
             if info.is_main:
-                self.wandb.update_config({"config_changes": self.change_log})
-        self.interactive = info.is_main and config.logging.progress and sys.stderr.isatty()
-        self.bar = progress_bar(self.total_steps, self.step, self.interactive)
-        self.last_eval: dict[str, float] = {}
+                self.logger.wandb.update_config({"config_changes": self.change_log})
         if info.is_main:
+            backend = config.train.backend if info.world_size == 1 or config.train.backend != "single" else "ddp"
             log.info("training %s: %s parameters, %d steps of %d sequences x %d tokens (%d ranks x micro %d x "
                      "accumulation %d), backend %s%s, %s", config.name, f"{self.model.num_parameters():,}",
                      self.total_steps, self.global_batch, self.seq_len, info.world_size, self.micro, self.accumulation,
-                     config.train.backend, f" ZeRO-{config.train.zero_stage}" if config.train.backend == "deepspeed" else "",
+                     backend, f" ZeRO-{config.train.zero_stage}" if backend == "deepspeed" else "",
                      config.train.precision)
+        self.logger.start_progress(self.total_steps, self.step)
+        self.trained_tokens, self.trained_seconds = 0, 0.0  # this session's, for the average rate
+
+    # --- what a checkpoint holds ----------------------------------------------------------------------
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+    def _describe(self) -> dict[str, Any]:
+        config = self.config
+        return {"backend": config.train.backend, "zero_stage": config.train.zero_stage, "config": config.to_dict(),
+                "model": self.model_config.to_dict(), "tlm_version": tlm.__version__, "total_steps": self.total_steps,
+                "data": self.data.identity, "config_changes": self.change_log, **self.last_eval}
+
+    def _write_model(self, state: dict[str, Any], path: Path, step: int) -> None:
+        with torch.device("meta"):
+            model = TransformerLM(self.model_config)
+        model.load_state_dict(state, assign=True, strict=False)
+        if self.model_config.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        save_model_dir(model, path, tokenizer_dir=self.data.tokenizer_dir,
+                       extra={"trained_steps": step, "trained_seq_len": self.seq_len})
+
+    def _save_hook(self, step: int) -> None:
+        if faults.hit(self.faults, "kill_in_save", step, self.info.rank):
+            faults.kill_self(f"while writing the checkpoint of step {step}")
+        if faults.hit(self.faults, "stall_in_save", step, self.info.rank):
+            time.sleep(60)
 
     # --- pieces of the loop ------------------------------------------------------------------------
 
     def record(self, values: dict[str, Any]) -> None:
-        if self.info.is_main:
-            self.metrics.write(values)
-            self.wandb.log({k: v for k, v in values.items() if k != "step"}, step=values["step"])
-        self.history.append(values)
+        self.logger.record(values)
 
     def run_eval(self, final: bool = False) -> None:
-        if self.val_rows is None:
+        if self.data.val_rows is None:
             return
         max_batches = None if final and self.config.eval.final_full else self.config.eval.max_batches
-        self.last_eval = evaluate(self.backend, self.val_rows, self.config.eval.batch_size or self.micro,
+        self.last_eval = evaluate(self.backend, self.data.val_rows, self.config.eval.batch_size or self.micro,
                                   max_batches, self.info)
-        self.record({"step": self.step, **self.last_eval, "tokens_seen": self.tokens_seen})
-        if self.info.is_main and not self.interactive:
-            log.info("step %d: val loss %.4f, perplexity %.2f", self.step, self.last_eval["val_loss"],
-                     self.last_eval["val_ppl"])
+        self.record({"step": self.step, **self.last_eval, "tokens_seen": self.progress.tokens_seen})
+        self.logger.say(f"step {self.step}: val loss {self.last_eval['val_loss']:.4f}, perplexity "
+                        f"{self.last_eval['val_ppl']:.2f} over {self.last_eval['val_tokens']:,} tokens")
 
     def checkpoint(self) -> Path:
-        path = save_checkpoint(self.run_dir, self.step, self.backend, self.stream, self.config, self.model_config,
-                               self.tokenizer_dir, self.info,
-                               {"tokens_seen": self.tokens_seen, "total_steps": self.total_steps,
-                                "skipped_steps": self.skipped_steps, "data": self.data_identity,
-                                "config_changes": self.change_log, **self.last_eval})
+        path = self.checkpointer.save(self.step)
         self.last_saved = self.step
         return path
 
@@ -384,7 +264,7 @@ class Trainer:
         if faults.hit(self.faults, "kill", self.step + 1, info.rank):
             faults.kill_self(f"as step {self.step + 1} begins")
         batches = [next(self.stream) for _ in range(self.accumulation)]
-        if self.packed:  # every target counts: a constant, made once (no host-to-device copy per step)
+        if self.data.packed:  # every target counts: a constant, made once (no host-to-device copy per step)
             if not hasattr(self, "_packed_tokens"):
                 self._packed_tokens = torch.tensor(float(self.global_batch * self.seq_len), dtype=torch.float64,
                                                    device=info.device)
@@ -400,9 +280,9 @@ class Trainer:
         for i, batch in enumerate(batches):
             loss += self.backend.micro_step(batch, scale, last=i == self.accumulation - 1).double()
         grad_norm = self.backend.optimizer_step()
-        self.step += 1
-        self.tokens_seen += self.global_batch * self.seq_len
-        self.bar.update(1)
+        self.progress.step += 1
+        self.progress.tokens_seen += self.global_batch * self.seq_len
+        self.trained_tokens += self.global_batch * self.seq_len
         if self.backend.skipped:
             self._non_finite(loss, tokens, lr, grad_norm)
         else:
@@ -411,14 +291,14 @@ class Trainer:
 
     def _non_finite(self, loss: torch.Tensor, tokens: torch.Tensor, lr: float, grad_norm: torch.Tensor | None) -> None:
         """A step whose gradients were not finite (its update was not applied): count it, or stop."""
-        self.skipped_steps += 1
+        self.progress.skipped_steps += 1
         self.consecutive_skips += 1
         policy, limit = self.config.train.nan_policy, self.config.train.max_skipped_steps
         norm = None if grad_norm is None else float(grad_norm)
         if self.info.is_main:
             log.warning("step %d: non-finite gradients (norm %s): the update was skipped (%d skipped so far)",
-                        self.step, norm, self.skipped_steps)
-        self.record({"step": self.step, "skipped_step": True, "skipped_steps": self.skipped_steps, "grad_norm": norm})
+                        self.step, norm, self.progress.skipped_steps)
+        self.record({"step": self.step, "skipped_step": True, "skipped_steps": self.progress.skipped_steps, "grad_norm": norm})
         if policy == "skip" and self.consecutive_skips <= limit:
             return
         why = "train.nan_policy is stop" if policy == "stop" else f"{self.consecutive_skips} steps in a row were skipped"
@@ -427,7 +307,7 @@ class Trainer:
         if self.info.is_main:
             atomic_write_json(dump, {
                 "step": self.step, "why": why, "lr": lr, "grad_norm": norm,
-                "step_loss": float(loss / tokens * self.info.world_size), "skipped_steps": self.skipped_steps,
+                "step_loss": float(loss / tokens * self.info.world_size), "skipped_steps": self.progress.skipped_steps,
                 "parameters_with_nonfinite_grads": self.backend.nonfinite,
                 "data_position": {"consumed_samples": self.stream.consumed_samples, "epoch": self.stream.epoch},
                 "last_good_checkpoint": str(last) if last else None, "config": self.config.to_dict(),
@@ -440,14 +320,15 @@ class Trainer:
         sums = _all_reduce(torch.stack([loss, tokens / self.info.world_size]))
         tokens_per_s = steps * self.global_batch * self.seq_len / seconds
         values = {"step": self.step, "loss": (sums[0] / sums[1]).item(), "lr": lr,
-                  "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_seen": self.tokens_seen,
+                  "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_seen": self.progress.tokens_seen,
                   "tokens_per_s": tokens_per_s, "step_time": seconds / steps, "epoch": self.stream.epoch,
-                  "skipped_steps": self.skipped_steps}
+                  "skipped_steps": self.progress.skipped_steps}
         if self.peak is not None:
             values["mfu"] = self.flops * tokens_per_s / self.info.world_size / self.peak
         self.record(values)
-        self.bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-        if self.info.is_main and not self.interactive:
+        self.trained_seconds += seconds
+        self.logger.update(steps, loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        if self.info.is_main and not self.logger.interactive:
             log.info("step %d/%d: loss %.4f, lr %.2e, %s tokens/s", self.step, self.total_steps, values["loss"], lr,
                      f"{tokens_per_s:,.0f}")
 
@@ -472,11 +353,8 @@ class Trainer:
             return self._summary(final_path, stopped)
         finally:
             stop.uninstall()
-            self.bar.close()
+            self.logger.close()
             self.stream.close()
-            if info.is_main:
-                self.metrics.close()
-                self.wandb.finish()
             engine = getattr(self.backend, "engine", None)
             if engine is not None and hasattr(engine, "destroy"):
                 engine.destroy()
@@ -515,27 +393,30 @@ class Trainer:
         info = self.info
         summary: dict[str, Any] = {
             "run_dir": str(self.run_dir), "steps": self.step, "total_steps": self.total_steps,
-            "complete": self.step == self.total_steps, "tokens_seen": self.tokens_seen, "world_size": info.world_size,
-            "skipped_steps": self.skipped_steps,
+            "complete": self.step == self.total_steps, "tokens_seen": self.progress.tokens_seen, "world_size": info.world_size,
+            "skipped_steps": self.progress.skipped_steps,
             "stopped": stopped, "backend": self.config.train.backend, "checkpoint": str(final_path),
             "model": str(final_path / "model"), "num_parameters": self.model.num_parameters(),
             "flops_per_token": self.flops, "config_changes": self.change_log, **self.last_eval,
             "wall_seconds": round(time.perf_counter() - self.started, 1), "threads": torch.get_num_threads(),
             "cpu_seconds": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1),
         }
-        logged = [h for h in self.history if "loss" in h]
+        logged = [h for h in self.logger.history if "loss" in h]
         if logged:
             summary["final_loss"] = logged[-1]["loss"]
-            summary["tokens_per_s"] = logged[-1]["tokens_per_s"]
+            # the run's average over this session's training steps (evaluation and checkpoints excluded); the last
+            # window's rate separately, named so
+            summary["tokens_per_s"] = self.trained_tokens / max(self.trained_seconds, 1e-9)
+            summary["recent_tokens_per_s"] = logged[-1]["tokens_per_s"]
             if self.peak is not None:
-                summary["mfu"] = self.flops * logged[-1]["tokens_per_s"] / info.world_size / self.peak
+                summary["mfu"] = self.flops * summary["tokens_per_s"] / info.world_size / self.peak
         summary["peak_memory_mb"] = (torch.cuda.max_memory_allocated(info.device) / 2**20 if info.device.type == "cuda"
                                      else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         if info.is_main and self.config.logging.sample_prompt:
             summary["sample"] = _sample(final_path / "model", self.config.logging.sample_prompt, info.device)
         if info.is_main:
             atomic_write_json(self.run_dir / "summary.json", summary)
-        return {**summary, "history": self.history}
+        return {**summary, "history": self.logger.history}
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
