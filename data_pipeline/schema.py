@@ -1,4 +1,4 @@
-"""Every file tlm reads back is checked against a schema (pydantic) before any value of it is used.
+"""Every file tlm reads back, and every config value it is given, is checked with pydantic before it is used.
 
 One way, used everywhere: a pydantic model per file kind (declared next to the code that writes it), and
 `parse` / `read_json` here, which turn the first validation error into one line naming the file, the key,
@@ -11,14 +11,18 @@ from __future__ import annotations
 import json
 import math
 import re
+import types
+import typing
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError,
+)
 
 from data_pipeline.errors import TLMError
 
-__all__ = ["Schema", "parse", "read_json", "NonNegInt", "PosInt", "FiniteFloat", "Sha256", "RelativeFile",
+__all__ = ["Schema", "parse", "read_json", "coerce", "NonNegInt", "PosInt", "FiniteFloat", "Sha256", "RelativeFile",
            "StrictBool", "StrictInt", "StrictStr", "Field", "inside"]
 
 T = TypeVar("T", bound=BaseModel)
@@ -110,3 +114,62 @@ def load_json_text(path: Path, error: type[TLMError], fix: str = "") -> Any:
 def read_json(path: Path, schema: type[T], error: type[TLMError] = TLMError, fix: str = "") -> T:
     """Read a JSON file and validate it as `schema`."""
     return parse(schema, load_json_text(Path(path), error, fix), str(path), error, fix)
+
+
+# --- config values: one coercion path for the model and the training config ------------------------------------
+
+_ADAPTERS: dict[Any, TypeAdapter] = {}
+
+
+def _adapter(annotation: Any) -> TypeAdapter:
+    if annotation not in _ADAPTERS:
+        _ADAPTERS[annotation] = TypeAdapter(annotation, config=ConfigDict(strict=True))
+    return _ADAPTERS[annotation]
+
+
+def _allowed(annotation: Any) -> tuple:
+    args = typing.get_args(annotation)
+    return args if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+
+
+def _spelled(value: Any, annotation: Any) -> Any:
+    """The command line's and YAML's spellings of a value: 'true'/'false' for a bool, '5e-4' for a float (YAML 1.1
+    reads it as a string), 'null'/'none' for an optional value, a list for a tuple."""
+    allowed = _allowed(annotation)
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if type(None) in allowed and low in ("null", "none"):
+            return None
+        if bool in allowed and low in ("true", "false"):
+            return low == "true"
+        if float in allowed:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    if isinstance(value, list) and any(typing.get_origin(a) is tuple for a in allowed):
+        return tuple(value)
+    return value
+
+
+def _type_name(annotation: Any) -> str:
+    names = [getattr(a, "__name__", str(a)) for a in _allowed(annotation) if a is not type(None)]
+    return " or ".join(names)
+
+
+def coerce(value: Any, annotation: Any, key: str, error: type[TLMError], prefix: str = "config key") -> Any:
+    """`value` checked against a config field's type annotation (strict: a "5" is not an int, True is not a
+    count), after the spellings of `_spelled`; a `Literal` lists the choices. One line naming the key otherwise."""
+    if annotation is Any:
+        return value
+    try:
+        return _adapter(annotation).validate_python(_spelled(value, annotation))
+    except ValidationError as e:
+        literal = [x for x in e.errors(include_url=False) if x["type"] == "literal_error"]
+        if literal:
+            choices = next(typing.get_args(a) for a in _allowed(annotation) if typing.get_origin(a) is typing.Literal)
+            raise error(f"{prefix} '{key}' must be one of {choices}, got {value!r}") from None
+        if any(typing.get_origin(a) is tuple for a in _allowed(annotation)):
+            raise error(f"{prefix} '{key}' must be a list of {len(typing.get_args(annotation))} numbers, "
+                        f"got {value!r}") from None
+        raise error(f"{prefix} '{key}' must be {_type_name(annotation)}, got {value!r}") from None

@@ -14,14 +14,17 @@ import json
 import math
 import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from data_pipeline.errors import ConfigError
+from data_pipeline.schema import coerce
 
-NORMS = ("rmsnorm", "layernorm", "none")
-NORM_POSITIONS = ("pre", "post")
-POSITION_EMBEDDINGS = ("rope", "nope")
-MLPS = ("swiglu", "silu")
+Norm = Literal["rmsnorm", "layernorm", "none"]
+NormPosition = Literal["pre", "post"]
+PositionEmbedding = Literal["rope", "nope"]
+Mlp = Literal["swiglu", "silu"]
+NORMS, NORM_POSITIONS = typing.get_args(Norm), typing.get_args(NormPosition)
+POSITION_EMBEDDINGS, MLPS = typing.get_args(PositionEmbedding), typing.get_args(Mlp)
 
 # Keys of a YaRN `rope_scaling` dict, with Hugging Face's meaning (`_compute_yarn_parameters`).
 YARN_REQUIRED = ("factor", "original_max_position_embeddings")
@@ -67,14 +70,14 @@ class ModelConfig:
     """End-of-text id: generation stops on it. Taken from the tokenizer when one is attached."""
     pad_token_id: int | None = None
     """Padding id used for batched prompts."""
-    norm: str = "rmsnorm"
+    norm: Norm = "rmsnorm"
     """Ablation: 'rmsnorm' | 'layernorm' | 'none' (identity)."""
-    norm_position: str = "pre"
+    norm_position: NormPosition = "pre"
     """Ablation: 'pre' (normalise each sublayer's input, Llama) | 'post' (normalise after the residual
     add, as in the original Transformer)."""
-    position_embedding: str = "rope"
+    position_embedding: PositionEmbedding = "rope"
     """Ablation: 'rope' | 'nope' (no positional signal except causal masking)."""
-    mlp: str = "swiglu"
+    mlp: Mlp = "swiglu"
     """Ablation: 'swiglu' (down(silu(gate(x)) * up(x))) | 'silu' (down(silu(up(x))))."""
 
     def __post_init__(self) -> None:
@@ -91,35 +94,12 @@ class ModelConfig:
         self._validate()
 
     def _check_types(self) -> None:
-        hints = typing.get_type_hints(ModelConfig)
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            expected = hints[f.name]
-            allowed = typing.get_args(expected) or (expected,)
-            allowed = tuple(typing.get_origin(a) or a for a in allowed)
-            if value is None and type(None) in allowed:
-                continue
-            if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-                setattr(self, f.name, float(value))
-                continue
-            if bool in allowed and isinstance(value, str) and value.lower() in ("true", "false"):
-                setattr(self, f.name, value.lower() == "true")  # --model.key=false from a command line
-                continue
-            # bool is an int subclass: refuse True where a count is expected.
-            ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
-            if not ok:
-                names = " or ".join(getattr(a, "__name__", str(a)) for a in allowed)
-                raise ConfigError(f"model config key '{f.name}' must be {names}, got {value!r}")
+        """Every field through the one coercion path of configs (data_pipeline.schema.coerce): strict types,
+        choices from the Literal annotations, 'true'/'false' and '1e-5' spellings from a command line."""
+        for name, annotation in typing.get_type_hints(ModelConfig).items():
+            setattr(self, name, coerce(getattr(self, name), annotation, name, ConfigError, prefix="model config key"))
 
     def _validate(self) -> None:
-        for key, choices in (
-            ("norm", NORMS),
-            ("norm_position", NORM_POSITIONS),
-            ("position_embedding", POSITION_EMBEDDINGS),
-            ("mlp", MLPS),
-        ):
-            if getattr(self, key) not in choices:
-                raise ConfigError(f"model config key '{key}' must be one of {choices}, got {getattr(self, key)!r}")
         for key in (
             "vocab_size",
             "hidden_size",

@@ -14,18 +14,20 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from tlm.model.config import ModelConfig, check_keys, get_preset
 from data_pipeline.errors import ConfigError
+from data_pipeline.schema import coerce
+from tlm.model.config import ModelConfig, check_keys, get_preset
 
-BACKENDS = ("single", "ddp", "deepspeed", "fsdp2")
-SCHEDULES = ("cosine", "constant", "wsd")
-PRECISIONS = ("bf16", "fp32")
-WANDB_MODES = ("auto", "online", "offline", "disabled")
-NAN_POLICIES = ("skip", "stop", "off")
+Backend = Literal["single", "ddp", "deepspeed", "fsdp2"]
+Schedule = Literal["cosine", "constant", "wsd"]
+Precision = Literal["bf16", "fp32"]
+WandbMode = Literal["auto", "online", "offline", "disabled"]
+NanPolicy = Literal["skip", "stop", "off"]
+BACKENDS = typing.get_args(Backend)
 
 
 @dataclass
@@ -65,7 +67,7 @@ class OptimSection:
 
 @dataclass
 class ScheduleSection:
-    kind: str = "cosine"
+    kind: Schedule = "cosine"
     """cosine: warmup then cosine to min_lr_ratio * lr; constant: warmup then lr; wsd: warmup, stable,
     then a linear decay to min_lr_ratio * lr over the last `decay_fraction` of the steps."""
     warmup_steps: int = 0
@@ -86,11 +88,11 @@ class BatchSection:
 
 @dataclass
 class TrainSection:
-    backend: str = "deepspeed"
+    backend: Backend = "deepspeed"
     """single | ddp | deepspeed | fsdp2 (single becomes ddp when launched on several ranks)."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage 0-3 (ds_configs/zero{stage}.json)."""
-    precision: str = "bf16"
+    precision: Precision = "bf16"
     max_steps: int | None = None
     """Optimizer steps; None = `epochs` over the training rows."""
     epochs: float = 1.0
@@ -105,7 +107,7 @@ class TrainSection:
     loss_chunk: int = 0
     """Compute the output projection + cross-entropy this many tokens at a time under checkpointing, so that
     the logits of the whole batch are never held (0 = all at once)."""
-    nan_policy: str = "skip"
+    nan_policy: NanPolicy = "skip"
     """Non-finite gradients (NaN/Inf): skip (no update, counted and reported), stop (a diagnostic dump, no
     checkpoint of the bad state: the last good one is kept), or off (no check: saves one host sync a step)."""
     max_skipped_steps: int = 20
@@ -149,7 +151,7 @@ class LoggingSection:
     """Run folder (metrics.jsonl, checkpoints/); default runs/<name>."""
     log_every: int = 10
     progress: bool = True
-    wandb: str = "auto"
+    wandb: WandbMode = "auto"
     """auto: online when WANDB_API_KEY is set, otherwise disabled; online | offline | disabled."""
     wandb_project: str = "tlm"
     sample_prompt: str | None = "It was a dark and stormy night"
@@ -205,44 +207,6 @@ class TrainConfig:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig) if f.name not in ("name", "model")}
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check (and gently convert) a value against a field's type; name the key when it does not fit."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if annotation is Any:
-        return value
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("null", "none"))):
-            return None  # YAML null, or null / none on the command line
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0])
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"config key '{key}' must be a list of {len(args)} numbers, got {value!r}")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is float and isinstance(value, str):
-        try:
-            return float(value)  # YAML reads 5e-4 as a string
-        except ValueError:
-            pass
-    if annotation is bool and isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"  # --train.compile=false from a command line
-    if annotation in (int, float, str, bool):
-        if isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
-            return value
-        raise ConfigError(f"config key '{key}' must be {annotation.__name__}, got {value!r}")
-    return value
-
-
 def _set(config: TrainConfig, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     if parts[0] == "name" and len(parts) == 1:
@@ -251,8 +215,9 @@ def _set(config: TrainConfig, dotted: str, value: Any) -> None:
     if parts[0] == "model":
         if len(parts) != 2:
             raise ConfigError(f"config key '{dotted}': use model.<field>, e.g. model.num_key_value_heads")
-        if parts[1] != "preset":
+        if parts[1] != "preset":  # checked now, with the model config's own field types
             check_keys({parts[1]: value}, "config section 'model'")
+            value = coerce(value, typing.get_type_hints(ModelConfig)[parts[1]], dotted, ConfigError)
         config.model[parts[1]] = value
         return
     if parts[0] not in SECTIONS:
@@ -267,7 +232,7 @@ def _set(config: TrainConfig, dotted: str, value: Any) -> None:
         hint = difflib.get_close_matches(parts[1], list(hints), n=1)
         raise ConfigError(f"unknown config key '{dotted}'" + (f" (did you mean '{parts[0]}.{hint[0]}'?)" if hint else "")
                           + f"; {parts[0]} has: {', '.join(hints)}")
-    setattr(section, parts[1], _coerce(value, hints[parts[1]], dotted))
+    setattr(section, parts[1], coerce(value, hints[parts[1]], dotted, ConfigError))
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -312,12 +277,11 @@ def validate(config: TrainConfig) -> None:
     """Refuse impossible settings before anything starts (the model config is built to check it too)."""
     config.model_config()
     t = config.train
-    for key, value, choices in (("train.backend", t.backend, BACKENDS), ("train.precision", t.precision, PRECISIONS),
-                                ("schedule.kind", config.schedule.kind, SCHEDULES),
-                                ("logging.wandb", config.logging.wandb, WANDB_MODES),
-                                ("train.nan_policy", t.nan_policy, NAN_POLICIES)):
-        if value not in choices:
-            raise ConfigError(f"config key '{key}' must be one of {choices}, got {value!r}")
+    for name in typing.get_type_hints(TrainConfig):  # every value, also those set in code
+        section = getattr(config, name)
+        if dataclasses.is_dataclass(section):
+            for key, annotation in typing.get_type_hints(type(section)).items():
+                coerce(getattr(section, key), annotation, f"{name}.{key}", ConfigError)
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"config key 'train.zero_stage' must be 0, 1, 2 or 3, got {t.zero_stage}")
     positive = {"batch.micro_batch_size": config.batch.micro_batch_size, "data.seq_len": config.data.seq_len,
