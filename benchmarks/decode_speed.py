@@ -1,8 +1,8 @@
 """Decode speed: tlm's KV-cached `generate` against transformers' `generate` on the same weights.
 
 Both run greedy decoding in one process, on the same exported checkpoint, with the same prompts,
-dtype and thread count, producing exactly `new_tokens` tokens per sequence (no EOS). Each timing is
-the best of `repeats` runs after one warm-up. Prints a table on stderr and one JSON object on the
+dtype and thread count, producing exactly `new_tokens` tokens per sequence (no EOS). The contenders are
+alternated run by run (benchmarks/alternate.py): the best of `repeats` each after one warm-up, and the median. Prints a table on stderr and one JSON object on the
 last line of stdout.
 
     python benchmarks/decode_speed.py                      # tlm-26m, batch 1 and 8, CPU fp32
@@ -16,27 +16,17 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import fire
 import torch
 
+from alternate import alternate
 from tlm.checkpointing.model_dir import save_model_dir
 from tlm.model.config import get_preset
 from tlm.checkpointing.export import export_hf
 from tlm.model.generate import generate
 from tlm.model.transformer import TransformerLM
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, lazy init, first-call overheads
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main(
@@ -80,9 +70,12 @@ def main(
                 )
             assert out.shape[1] == prompt_len + new_tokens
 
-        row = {"batch_size": batch, "tlm_tokens_per_s": tokens / best_time(run_tlm, repeats)}
-        for cache in ("dynamic", "static"):
-            row[f"hf_{cache}_tokens_per_s"] = tokens / best_time(lambda: run_hf(None if cache == "dynamic" else cache), repeats)
+        timed = alternate({"tlm": run_tlm, "hf_dynamic": lambda: run_hf(None), "hf_static": lambda: run_hf("static")},
+                          repeats, warmup=1)
+        row = {"batch_size": batch, "load_average": timed["load_average"]}
+        for name in ("tlm", "hf_dynamic", "hf_static"):
+            row[f"{name}_tokens_per_s"] = tokens / timed[name]["fastest"]
+            row[f"{name}_tokens_per_s_median"] = tokens / timed[name]["median"]
         row["ratio_vs_hf_dynamic"] = row["tlm_tokens_per_s"] / row["hf_dynamic_tokens_per_s"]
         row["ratio_vs_hf_static"] = row["tlm_tokens_per_s"] / row["hf_static_tokens_per_s"]
         rows.append(row)

@@ -4,7 +4,8 @@ MiniMind's code is not part of tlm: point --minimind_dir at a checkout of jingya
 folder is imported from there). Its step is reproduced as train_pretrain.py does it: autocast, loss from the
 model's forward (labels shifted inside), GradScaler (a no-op in bf16), clip 1.0, AdamW, zero_grad. The
 model is configured as the 26M original (hidden 512, 8 layers, 8 heads, 2 KV heads, SwiGLU 1408, vocab
-6400). tlm's side is `tlm bench`'s measurement of the same shape, batch, sequence length and precision.
+6400). tlm's side is its plain backend's step (tlm-26m) on the same batch and precision. The two are
+alternated step by step in one process (benchmarks/alternate.py): fastest, median and the load average.
 
     python benchmarks/minimind_step.py --minimind_dir ../minimind --batch 32 --seq_len 512 --out minimind.json
 """
@@ -13,11 +14,12 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import fire
 import torch
+
+from alternate import alternate
 
 
 def main(minimind_dir: str, batch: int = 32, seq_len: int = 512, steps: int = 10, warmup: int = 3,
@@ -25,8 +27,6 @@ def main(minimind_dir: str, batch: int = 32, seq_len: int = 512, steps: int = 10
     """Tokens/s of MiniMind's pretraining step and of tlm's, and their ratio."""
     sys.path.insert(0, str(Path(minimind_dir).resolve()))
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # their code, imported, not copied
-
-    from tlm.studies.bench import bench
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if precision == "auto":
@@ -53,28 +53,33 @@ def main(minimind_dir: str, batch: int = 32, seq_len: int = 512, steps: int = 10
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    float(loss)
-    seconds = (time.perf_counter() - start) / steps
-    minimind = {"step_time": seconds, "tokens_per_s": batch * seq_len / seconds,
-                "parameters": sum(p.numel() for p in model.parameters())}
-    if device.type == "cuda":
-        minimind["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    model = optimizer = None  # free the memory before tlm's run (the closure above keeps the names)
+    from tlm.model.transformer import TransformerLM
+    from tlm.training.backends import DistInfo, PlainBackend
+    from tlm.training.config import load_config
 
-    base = {"model.preset": "tlm-26m", "batch.micro_batch_size": batch, "data.seq_len": seq_len,
-            "train.precision": "bf16" if precision == "bf16" else "fp32", "logging.wandb": "disabled"}
-    tlm_result = bench({"tlm": {"train.backend": "single", "train.compile": compile_tlm}}, base, steps, warmup)
-    tlm_row = tlm_result["rows"]["tlm"]
-    result = {"device": tlm_result["device"], "batch": batch, "seq_len": seq_len, "precision": precision,
-              "minimind": minimind, "tlm": tlm_row, "ratio_tlm_vs_minimind": tlm_row["tokens_per_s"] / minimind["tokens_per_s"]}
+    tlm_config = load_config(None, {"model.preset": "tlm-26m", "batch.micro_batch_size": batch, "data.seq_len": seq_len,
+                                    "train.precision": "bf16" if precision == "bf16" else "fp32",
+                                    "train.backend": "single", "train.compile": compile_tlm, "logging.wandb": "disabled"})
+    tlm_model = TransformerLM(tlm_config.model_config())
+    backend = PlainBackend(tlm_model, tlm_config, DistInfo(0, 1, 0, device), accumulation=1)
+    tlm_batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+
+    def tlm_step() -> None:
+        backend.micro_step(tlm_batch, 1.0 / (batch * seq_len), last=True)
+        backend.optimizer_step()
+
+    timed = alternate({"minimind": step, "tlm": tlm_step}, steps, warmup,
+                      sync=torch.cuda.synchronize if device.type == "cuda" else lambda: None)
+    rows = {name: {"step_time_median": timed[name]["median"], "step_time_fastest": timed[name]["fastest"],
+                   "tokens_per_s": batch * seq_len / timed[name]["median"],
+                   "tokens_per_s_fastest": batch * seq_len / timed[name]["fastest"]} for name in ("minimind", "tlm")}
+    rows["minimind"]["parameters"] = sum(p.numel() for p in model.parameters())
+    rows["tlm"]["parameters"] = tlm_model.num_parameters()
+    result = {"device": str(device), "batch": batch, "seq_len": seq_len, "precision": precision, **rows,
+              "ratio_tlm_vs_minimind": rows["tlm"]["tokens_per_s"] / rows["minimind"]["tokens_per_s"],
+              "ratio_fastest": rows["tlm"]["tokens_per_s_fastest"] / rows["minimind"]["tokens_per_s_fastest"],
+              "load_average": timed["load_average"]}
+    minimind, tlm_row = rows["minimind"], rows["tlm"]
     print(f"MiniMind step: {minimind['tokens_per_s']:,.0f} tokens/s; tlm: {tlm_row['tokens_per_s']:,.0f} tokens/s; "
           f"ratio {result['ratio_tlm_vs_minimind']:.2f}x", file=sys.stderr)
     if out:

@@ -4,7 +4,7 @@ shape, batch and precision, side by side in one process.
 Both sides do the same work per step: forward, fp32 cross-entropy over all targets, backward, gradient
 clipping at 1.0 and an AdamW step, with fp32 weights and bf16 autocast when --precision=bf16. tlm's side
 goes through its real backend (`PlainBackend.micro_step` / `optimizer_step`). Reports tokens/s, step time
-(median over `steps` after `warmup`), MFU when the device has a stated peak, and peak memory (CUDA) or the
+(the two alternated step by step: fastest and median over `steps` after `warmup`, with the load average), MFU when the device has a stated peak, and peak memory (CUDA) or the
 process's peak RSS (CPU). Prints a table on stderr and one JSON object on the last line of stdout.
 
     python benchmarks/train_speed.py                                   # tlm-26m, 4 x 256, bf16, CPU
@@ -18,13 +18,13 @@ import os
 import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import fire
 import torch
 import torch.nn.functional as F
 
+from alternate import alternate
 from tlm.training.backends import DistInfo, PlainBackend
 from tlm.checkpointing.model_dir import save_model_dir
 from tlm.model.config import get_preset
@@ -32,20 +32,6 @@ from tlm.checkpointing.export import export_hf
 from tlm.training.metrics import flops_per_token, peak_flops
 from tlm.model.transformer import TransformerLM
 from tlm.training.config import load_config
-
-
-def median_step(step, steps: int, warmup: int, device: torch.device) -> float:
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def main(preset: str = "tlm-26m", batch: int = 4, seq: int = 256, steps: int = 5, warmup: int = 2,
@@ -85,14 +71,14 @@ def main(preset: str = "tlm-26m", batch: int = 4, seq: int = 256, steps: int = 5
         hf_opt.step()
         hf_opt.zero_grad(set_to_none=True)
 
+    timed = alternate({"tlm": tlm_step, "transformers": hf_step}, steps, warmup,
+                      sync=torch.cuda.synchronize if dev.type == "cuda" else lambda: None)
     results = {}
-    for name, step in (("tlm", tlm_step), ("transformers", hf_step)):
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        seconds = median_step(step, steps, warmup, dev)
-        results[name] = {"step_time": round(seconds, 4), "tokens_per_s": round(batch * seq / seconds, 1)}
-        if dev.type == "cuda":
-            results[name]["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+    for name in ("tlm", "transformers"):
+        fastest, median = timed[name]["fastest"], timed[name]["median"]
+        results[name] = {"step_time_fastest": round(fastest, 4), "step_time_median": round(median, 4),
+                         "tokens_per_s": round(batch * seq / median, 1),
+                         "tokens_per_s_fastest": round(batch * seq / fastest, 1)}
     flops = flops_per_token(model.config, seq)
     peak = peak_flops(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
     for r in results.values():
@@ -101,13 +87,16 @@ def main(preset: str = "tlm-26m", batch: int = 4, seq: int = 256, steps: int = 5
         "preset": preset, "batch": batch, "seq": seq, "precision": precision, "device": str(dev),
         "threads": torch.get_num_threads(), "flops_per_token": flops, **results,
         "ratio_tlm_vs_transformers": round(results["tlm"]["tokens_per_s"] / results["transformers"]["tokens_per_s"], 3),
+        "ratio_fastest": round(results["tlm"]["tokens_per_s_fastest"] / results["transformers"]["tokens_per_s_fastest"], 3),
+        "load_average": timed["load_average"],
         "process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     for name in ("tlm", "transformers"):
         r = results[name]
-        print(f"{name:>13}: {r['step_time'] * 1000:8.1f} ms/step {r['tokens_per_s']:>10,.0f} tokens/s"
-              + (f"  MFU {r['mfu']:.1%}" if r["mfu"] else ""), file=sys.stderr)
-    print(f"tlm / transformers: {result['ratio_tlm_vs_transformers']:.3f}x", file=sys.stderr)
+        print(f"{name:>13}: median {r['step_time_median'] * 1000:8.1f} ms/step, fastest {r['step_time_fastest'] * 1000:8.1f}"
+              f" {r['tokens_per_s']:>10,.0f} tokens/s" + (f"  MFU {r['mfu']:.1%}" if r["mfu"] else ""), file=sys.stderr)
+    print(f"tlm / transformers: {result['ratio_tlm_vs_transformers']:.3f}x median, {result['ratio_fastest']:.3f}x fastest; "
+          f"load average {timed['load_average']}", file=sys.stderr)
     print(json.dumps(result), flush=True)
     return result
 

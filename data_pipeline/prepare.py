@@ -513,6 +513,11 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool) 
             for split, w in writers.items()
         },
     }
+    if (config.val or config.val_data) and writers["val"].state.rows == 0 and config.num_workers == 1:
+        log.warning("%s: validation was asked for (%s) but got no rows: %d documents held out%s; training on it will log "
+                    "no validation loss", out, f"--val {config.val}" if config.val else "--val_data",
+                    writers["val"].documents_fed, " (each text file is one document with --sample_by document: try "
+                    "--sample_by paragraph, or --val_data)" if config.sample_by == "document" else "")
     atomic_write_json(manifest_path, manifest)
     (out / JOURNAL).unlink(missing_ok=True)
     if reader.skips.total():

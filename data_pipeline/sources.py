@@ -161,7 +161,24 @@ def resolve_sources(spec: str | list[str] | tuple[str, ...]) -> list[Source]:
             sources.append(Source("hf", item))
         else:
             raise DataError(f"data source '{item}' does not exist")
+    _warn_twice_read(sources)
     return sources
+
+
+def _warn_twice_read(sources: list[Source]) -> None:
+    """A file next to its compressed copy (x.txt and x.txt.xz) is read twice: say so (both are kept)."""
+    import logging
+
+    plain: dict[str, list[str]] = {}
+    for source in sources:
+        if source.kind in ("hf", "disk"):
+            continue
+        name = source.path[: -len(Path(source.path).suffix)] if source.compression else source.path
+        plain.setdefault(name, []).append(source.path)
+    for paths in plain.values():
+        if len(paths) > 1:
+            logging.getLogger("tlm").warning("%s are both read: the same text, compressed and not? Remove one to "
+                                             "read it once", " and ".join(paths))
 
 
 def _file_kind(path: Path) -> str:

@@ -23,16 +23,11 @@ from pathlib import Path
 
 import fire
 
+from tlm.training.backends import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 12
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children(pid: int) -> list[int]:
@@ -62,7 +57,7 @@ class Job:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                "TLM_FAULT": fault, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(self.processes),
-                   "--master_port", str(_free_port()), "-m", "tlm", "train", *self.args]
+                   "--master_port", str(free_port()), "-m", "tlm", "train", *self.args]
         self.log = open(self.run_dir.parent / f"{self.run_dir.name}.log", "a")
         return subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 

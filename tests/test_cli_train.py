@@ -14,7 +14,7 @@ import torch
 
 from data_pipeline import TINYSHAKESPEARE
 from test_cli import last_json, run
-from test_train_distributed import _free_port
+from tlm.training.backends import free_port
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -40,7 +40,7 @@ def train_args(prepared: Path, run_dir: Path, *extra: str) -> list[str]:
 
 def test_deepspeed_launcher_then_eval_generate_export(tmp_path: Path, prepared: Path) -> None:
     run_dir = tmp_path / "ds"
-    launch([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port()),
+    launch([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
             "--module", "tlm", *train_args(prepared, run_dir, "--train.backend=deepspeed", "--train.zero_stage=2")],
            tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -73,7 +73,7 @@ def test_deepspeed_launcher_then_eval_generate_export(tmp_path: Path, prepared: 
 
 def test_torchrun_two_processes(tmp_path: Path, prepared: Path) -> None:
     run_dir = tmp_path / "tr"
-    launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
             "-m", "tlm", *train_args(prepared, run_dir, "--train.backend=ddp", "--logging.sample_prompt=null")], tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["backend"] == "ddp" and summary["steps"] == 8

@@ -41,7 +41,7 @@ def test_an_architecture_or_data_change_is_refused(prepared: Path, stopped: Path
     overrides, expected = DRIFT[case]
     before = snapshot(stopped)
     line = refused(train_args(prepared, stopped, **overrides), capsys, f"cannot resume {stopped}/checkpoints/step-00000004",
-                   *expected, "start a new run instead (--logging.run_dir=NEW_FOLDER")
+                   *expected, "start a new run instead (--name=NEW_NAME or --logging.run_dir=NEW_FOLDER")
     assert "allow_change" not in line
     assert snapshot(stopped) == before
 

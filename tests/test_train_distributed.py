@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from data_pipeline.prepare import PrepareConfig, prepare
+from tlm.training.backends import free_port
 
 BACKENDS = {
     "ddp": {"train.backend": "ddp"},
@@ -40,18 +41,11 @@ def launch(plan: list[dict], workdir: Path, processes: int) -> dict:
         command = [sys.executable, str(DRIVER), str(plan_file), str(results)]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", str(_free_port()), str(DRIVER), str(plan_file), str(results)]
+                   "--master_port", str(free_port()), str(DRIVER), str(plan_file), str(results)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=workdir)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(results.read_text())
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

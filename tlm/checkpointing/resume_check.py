@@ -28,11 +28,13 @@ FREE_KEYS = (
     "checkpoint.keep_last",  # how many old checkpoints stay on disk: no figure depends on it
     "logging.run_dir", "logging.progress", "logging.wandb", "logging.wandb_project", "logging.sample_prompt",
     "data.prefetch", "data.cache_dir", "data.prepared", "data.source", "data.val_source", "data.tokenizer",
-    "data.vocab_size", "data.val_fraction",  # these name or make the data; the data itself is compared by content
+    "data.vocab_size", "data.val_fraction", "data.text_field", "data.sample_by", "data.on_error",
+    # (these name or make the data; the data itself is compared by content)
     "train.backend", "train.zero_stage",  # checked by the backend rules (a change of backend is refused there)
 )
 TOKENIZER_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
-NEW_RUN = "start a new run instead (--logging.run_dir=NEW_FOLDER, or --checkpoint.resume=none to overwrite this one)"
+NEW_RUN = ("start a new run instead (--name=NEW_NAME or --logging.run_dir=NEW_FOLDER, or --checkpoint.resume=none to "
+           "overwrite this one)")
 
 
 def flatten_config(tree: dict[str, Any]) -> dict[str, Any]:

@@ -163,7 +163,7 @@ def bench_command(preset: str = "tlm-26m", backend: str = "single", batch: int =
     base = {"model.preset": preset, "batch.micro_batch_size": batch, "data.seq_len": seq_len,
             "train.precision": precision, "logging.wandb": "disabled"}
     single = {"train.backend": backend, "train.compile": compile, "train.fused_adamw": fused_adamw,
-              "train.loss_chunk": loss_chunk, "train.zero_stage": zero_stage}
+              "train.loss_chunk": loss_chunk, **({"train.zero_stage": zero_stage} if backend == "deepspeed" else {})}
     result = bench(MATRIX if matrix else {backend: single}, base, steps, warmup)
     print_table(result)
     dump(result, out)

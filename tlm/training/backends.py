@@ -227,6 +227,8 @@ class DeepSpeedBackend(Backend):
         # directly, so it gets one that skips (and says so through `overflow`, as DeepSpeed's own do).
         guarded = self.check_finite and config.train.zero_stage == 0
         optimizer = adamw(param_groups(model, config.optim), config.optim, fused=self.fused, skip_nonfinite=guarded)
+        if info.device.type == "cpu" and info.is_main:
+            _announce_shm_build()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.module = self.engine.module
         if config.train.compile:
@@ -376,7 +378,7 @@ def init_distributed(config: TrainConfig) -> DistInfo:
             dist.init_process_group(backend=backend, device_id=device if cuda else None)
         else:  # one process: a private group, not RANK / WORLD_SIZE in the environment (jobs it starts inherit that)
             env.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it
-            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                                     world_size=1, device_id=device if cuda else None)
     return DistInfo(rank, world, local_rank, device)
 
@@ -390,7 +392,17 @@ def from_rank0(value: Any) -> Any:
     return value
 
 
-def _free_port() -> int:
+def _announce_shm_build() -> None:
+    """DeepSpeed on CPU compiles its shared-memory communication op (ninja) the first time, silently, for up to
+    a few minutes on a small machine: say so, and where it is cached, so that nobody thinks the run hangs."""
+    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    if not list(cache.glob("*/deepspeed_shm_comm*/*.so")):
+        log.info("DeepSpeed on CPU builds its shared-memory communication op on first use: about a minute (up to a "
+                 "few on 2 cores) with no output; it is cached in %s for later runs", cache)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a rendezvous of processes started here)."""
     import socket
 
     with socket.socket() as s:

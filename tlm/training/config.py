@@ -46,6 +46,12 @@ class DataSection:
     `prepared` folder has its own split."""
     vocab_size: int = 6400
     """Vocabulary of a tokenizer trained on first use."""
+    text_field: str = "text"
+    """For `source`: the field (JSON) or column (Parquet, CSV) holding the text."""
+    sample_by: Literal["document", "paragraph", "line"] = "document"
+    """For text files of `source`: one document per file, per paragraph or per line."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """A bad record of `source`: stop naming it, or count and skip it."""
     cache_dir: str = "runs/cache"
     """Where first-use tokenizers and prepared data are kept (shared by runs)."""
     seq_len: int = 512
@@ -152,7 +158,8 @@ class LoggingSection:
     log_every: int = 10
     progress: bool = True
     wandb: WandbMode = "auto"
-    """auto: online when WANDB_API_KEY is set, otherwise disabled; online | offline | disabled."""
+    """auto: $WANDB_MODE when set (online, offline, disabled), else online when WANDB_API_KEY is set, else
+    disabled; or online | offline | disabled."""
     wandb_project: str = "tlm"
     sample_prompt: str | None = "It was a dark and stormy night"
     """Printed with a generated continuation at the end of the run (None = no sample)."""
@@ -269,6 +276,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
                 raise ConfigError(f"{path}: {e}") from None
     for key, value in (overrides or {}).items():
         _set(config, key.replace("-", "_"), value)
+        config.__dict__.setdefault("_overridden", set()).add(key.replace("-", "_"))  # given on the command line
     validate(config)
     return config
 
@@ -284,6 +292,9 @@ def validate(config: TrainConfig) -> None:
                 coerce(getattr(section, key), annotation, f"{name}.{key}", ConfigError)
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"config key 'train.zero_stage' must be 0, 1, 2 or 3, got {t.zero_stage}")
+    if "train.zero_stage" in config.__dict__.get("_overridden", set()) and t.backend != "deepspeed":
+        raise ConfigError(f"--train.zero_stage={t.zero_stage} is given but train.backend is {t.backend!r}: ZeRO is "
+                          "DeepSpeed's; add --train.backend=deepspeed (or drop the stage)")
     positive = {"batch.micro_batch_size": config.batch.micro_batch_size, "data.seq_len": config.data.seq_len,
                 "optim.lr": config.optim.lr, "train.epochs": t.epochs,
                 "train.stop_grace_s": t.stop_grace_s, "train.max_skipped_steps": t.max_skipped_steps}

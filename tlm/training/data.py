@@ -80,8 +80,8 @@ def resolve_data(config: TrainConfig, is_main: bool, expect: dict[str, Any] | No
                           if is_main else None)
     if is_main:
         _refuse_changed_sources(expect, digests)
-    tokenizer = Path(data.tokenizer) if data.tokenizer else \
-        cache / f"tokenizer-{_key([d['sha256'] for d in digests[:len(train_sources)]], data.vocab_size)}"
+    key = _key([d["sha256"] for d in digests[:len(train_sources)]], data.vocab_size, data.text_field, data.sample_by)
+    tokenizer = Path(data.tokenizer) if data.tokenizer else cache / f"tokenizer-{key}"
     if is_main and not (tokenizer / "tokenizer.json").is_file():
         if data.tokenizer:
             raise ConfigError(f"data.tokenizer '{data.tokenizer}' has no tokenizer.json")
@@ -91,14 +91,17 @@ def resolve_data(config: TrainConfig, is_main: bool, expect: dict[str, Any] | No
                 from data_pipeline.tokenizer import save_tokenizer, train_tokenizer
 
                 log.info("training a %d-token tokenizer on %s (first use) -> %s", data.vocab_size, source, tokenizer)
-                trained = train_tokenizer(DocumentReader(train_sources), vocab_size=data.vocab_size, show_progress=False)
+                reader = DocumentReader(train_sources, text_field=data.text_field, sample_by=data.sample_by,
+                                        on_error=data.on_error)
+                trained = train_tokenizer(reader, vocab_size=data.vocab_size, show_progress=False)
                 save_tokenizer(trained, tokenizer)
     _barrier()
     from data_pipeline.tokenizer import tokenizer_sha256
 
     vals = None if val_source is None else _as_list(val_source)
     prepare_config = PrepareConfig(data=_as_list(source), tokenizer=str(tokenizer), out="", seq_len=data.seq_len,
-                                   pack=data.pack, val=held_out, val_data=vals)
+                                   pack=data.pack, val=held_out, val_data=vals, text_field=data.text_field,
+                                   sample_by=data.sample_by, on_error=data.on_error)
     if is_main:
         described = describe_inputs(prepare_config, train_sources + val_sources, tokenizer_sha256(tokenizer),
                                     [d["sha256"] for d in digests])
@@ -158,6 +161,9 @@ def load_run_data(config: TrainConfig, is_main: bool, expect: dict[str, Any] | N
         tok_sha = tokenizer_sha256(tokenizer_dir)
     check_compatible(manifest, model_config.vocab_size, config.data.seq_len, tok_sha, where=str(prepared))
     val_rows = TokenRows(prepared, "val", verify=verify) if manifest["splits"]["val"]["rows"] else None
+    if val_rows is None and is_main and (config.eval.every or config.eval.at_start or config.eval.final_full):
+        log.warning("%s has no validation rows: this run logs no validation loss (give the data a held-out split: "
+                    "data.val_source, data.val_fraction, or --val / --val_data of tlm prepare)", prepared)
     for split in (rows, val_rows):  # before step 1: an id past the embedding is a crash on a GPU
         if split is not None:
             check_token_range(split, model_config.vocab_size)

@@ -138,8 +138,10 @@ class WandbLogger:
     """wandb when asked for; never imported otherwise. A failing wandb warns and turns itself off."""
 
     def __init__(self, mode: str, project: str, name: str, config: dict[str, Any], run_dir: Path) -> None:
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "disabled"
+        if mode == "auto":  # wandb's own WANDB_MODE decides first, then whether there is a key to go online with
+            env = os.environ.get("WANDB_MODE", "").strip().lower()
+            mode = env if env in ("online", "offline", "disabled") else (
+                "online" if os.environ.get("WANDB_API_KEY") else "disabled")
         self.mode = mode
         self.run = None
         if mode == "disabled":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import resource
 import time
 from dataclasses import asdict, dataclass
@@ -199,6 +200,9 @@ class Trainer:
             self.logger.record({"step": self.step, "config_change": {k: list(v) for k, v in self.changes.items()}})
             if info.is_main:
                 self.logger.wandb.update_config({"config_changes": self.change_log})
+        if info.is_main and "CROSS_RANK" in os.environ and config.train.backend != "deepspeed":
+            log.warning("launched by deepspeed, but train.backend is %s: no ZeRO; --train.backend=deepspeed for it",
+                        config.train.backend)
         if info.is_main:
             backend = config.train.backend if info.world_size == 1 or config.train.backend != "single" else "ddp"
             log.info("training %s: %s parameters, %d steps of %d sequences x %d tokens (%d ranks x micro %d x "
