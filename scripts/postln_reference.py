@@ -155,10 +155,7 @@ def run(part: int = 0, parts: int = 1) -> None:
 
 def report(out: Path = OUT) -> Path:
     """postln.md and postln.png (in `out`) from the curves in docs/ablations/cpu/postln/."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tlm.studies.plots import figure
 
     unigram = json.loads((OUT / "unigram.json").read_text())["unigram_loss"] if (OUT / "unigram.json").is_file() else None
     curves = {}
@@ -179,27 +176,23 @@ def report(out: Path = OUT) -> Path:
         gap = f"{unigram - final:.3f}" if unigram is not None else "-"
         lines.append(f"| {model} | {lr:g} | {warmup} | {steps} | {final:.4f} | {gap} |")
     lines.append("")
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
     styles = {"torch-postln": "-", "tlm-post": "--", "tlm-post-old-init": ":"}
-    for ax, lr in zip(axes, (6e-4, 3e-3)):
-        for (model, rate, warmup, steps), records in curves.items():
-            if rate != lr:
-                continue
-            xs = [r["step"] * 16 * 128 / 1e6 for r in records]
-            ax.plot(xs, [r["val_loss"] for r in records], styles[model], marker="o", markersize=3,
-                    label=f"{model}, warmup {warmup}{'' if steps == STEPS else f', {steps} steps'}")
-        if unigram is not None:
-            ax.axhline(unigram, color="grey", linewidth=0.8)
-            ax.text(0.02, unigram + 0.03, "unigram loss", color="grey", fontsize=8, transform=ax.get_yaxis_transform())
-        ax.set_title(f"lr {lr:g}")
-        ax.set_xlabel("tokens seen (millions)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel("validation loss (nats)")
-    fig.suptitle("Post-norm: tlm beside torch's own post-LN layers (CPU scale, seed 0)")
-    fig.tight_layout()
-    fig.savefig(Path(out) / "postln.png", dpi=120)
-    plt.close(fig)
+    title = "Post-norm: tlm beside torch's own post-LN layers (CPU scale, seed 0)"
+    with figure(Path(out) / "postln.png", title, panels=2, size=(13, 4.8)) as axes:
+        for ax, lr in zip(axes, (6e-4, 3e-3)):
+            for (model, rate, warmup, steps), records in curves.items():
+                if rate != lr:
+                    continue
+                xs = [r["step"] * 16 * 128 / 1e6 for r in records]
+                ax.plot(xs, [r["val_loss"] for r in records], styles[model], marker="o", markersize=3,
+                        label=f"{model}, warmup {warmup}{'' if steps == STEPS else f', {steps} steps'}")
+            if unigram is not None:
+                ax.axhline(unigram, color="grey", linewidth=0.8)
+                ax.text(0.02, unigram + 0.03, "unigram loss", color="grey", fontsize=8,
+                        transform=ax.get_yaxis_transform())
+            ax.set_title(f"lr {lr:g}")
+            ax.set_xlabel("tokens seen (millions)")
+        axes[0].set_ylabel("validation loss (nats)")
     lines += ["![post-norm beside the reference](postln.png)", ""]
     path = Path(out) / "postln.md"
     path.write_text("\n".join(lines) + "\n")

@@ -38,78 +38,93 @@ def _label(low: float, high: float) -> str:
     return "reproduced" if low > 0 else "not reproduced" if high < 0 else "inconclusive"
 
 
+Verdict = tuple[str, list[str]]
+
+
+def _better(study: Study, base: list[dict], groups: dict[str, list[dict]], analyses: dict, unigram) -> Verdict:
+    other = [v for v in groups if v != study.baseline][0]
+    if not groups[other]:
+        return "no data", [f"the {other} runs are missing"]
+    d = compare(base, groups[other])
+    return _label(d.low, d.high), [f"{other} - {study.baseline}: {cell(d)} nats of final validation loss (95% CI)"]
+
+
+def _sweep(study: Study, base: list[dict], groups: dict[str, list[dict]], analyses: dict, unigram) -> Verdict:
+    diffs = {v: compare(base, rs) for v, rs in groups.items() if v != study.baseline and rs}
+    if not diffs:
+        return "no data", ["only the baseline has runs"]
+    beaten = [v for v, d in diffs.items() if d.high < 0]
+    open_ = [v for v, d in diffs.items() if d.low <= 0 <= d.high]
+    lines = [f"{v} - {study.baseline}: {cell(d)}" for v, d in diffs.items()]
+    if beaten:
+        return "not reproduced", [f"beaten by {', '.join(beaten)}"] + lines
+    if open_:
+        return "inconclusive", [f"not separated from {', '.join(open_)}"] + lines
+    return "reproduced", ["the baseline beats every other grid point"] + lines
+
+
+def _equivalent(study: Study, base: list[dict], groups: dict[str, list[dict]], analyses: dict, unigram) -> Verdict:
+    outcomes, lines = {}, []
+    for v, rs in groups.items():
+        if v == study.baseline or not rs:
+            continue
+        d90 = compare(base, rs, level=0.90)
+        outcomes[v] = equivalence(d90, EQUIVALENCE_MARGIN)
+        lines.append(f"{v} - {study.baseline}: {d90.estimate:+.4f}, 90% CI [{d90.low:+.4f}, {d90.high:+.4f}]: "
+                     f"{outcomes[v]}")
+    if not outcomes:
+        return "no data", ["only the baseline has runs"]
+    if "worse" in outcomes.values():
+        return "not reproduced", lines
+    return ("inconclusive" if "undecided" in outcomes.values() else "reproduced"), lines
+
+
+def _stability(study: Study, base: list[dict], groups: dict[str, list[dict]], analyses: dict, unigram) -> Verdict:
+    if unigram is None:
+        return "no data", ["the unigram loss of the validation split is missing (unigram.json)"]
+    highest = {}
+    for position in ("pre", "post"):
+        ok = [float(v.split("lr=")[1]) for v, rs in groups.items()
+              if v.startswith(position) and rs and all(trains(r, unigram) for r in rs)]
+        highest[position] = max(ok) if ok else None
+    pre, post = highest["pre"], highest["post"]
+    lines = [f"unigram loss {unigram:.4f}; highest rate at which every seed trains: pre-norm {pre}, post-norm {post}"]
+    if pre is None or post is None:
+        return "inconclusive", lines
+    lines.append(f"ratio pre / post = {pre / post:.3g} on a grid of x{', x'.join(str(m) for m in STABILITY_MULTIPLIERS)}")
+    return ("reproduced" if pre / post >= 5 else "not reproduced"), lines
+
+
+def _yarn(study: Study, base: list[dict], groups: dict[str, list[dict]], analyses: dict, unigram) -> Verdict:
+    seeded = [(r["seed"], a) for r, a in zip(base, analyses.get(study.baseline, [])) if a.get("long_context")]
+    if not seeded:
+        return "no data", ["no long-context evaluation"]
+    trained = seeded[0][1]["seq_len"]
+    labels, lines = [], []
+    for factor in YARN_FACTORS:
+        pairs = [(row["plain"], row["yarn"]) for _, a in seeded for row in a["long_context"]
+                 if row["length"] == factor * trained]
+        if not pairs:
+            continue
+        plain, yarn = [p for p, _ in pairs], [y for _, y in pairs]
+        d = paired_difference(plain, yarn) if len(pairs) > 1 else welch_difference(plain, yarn)
+        labels.append("reproduced" if d.high < 0 else "not reproduced" if d.low > 0 else "inconclusive")
+        lines.append(f"{factor}x ({factor * trained} tokens): YaRN - RoPE {cell(d)} nats")
+    if not labels:
+        return "no data", ["no evaluation beyond the trained length"]
+    if "not reproduced" in labels:
+        return "not reproduced", lines
+    return ("reproduced" if set(labels) == {"reproduced"} else "inconclusive"), lines
+
+
+RULES_BY_KIND = {"better": _better, "sweep": _sweep, "equivalent": _equivalent, "stability": _stability,
+                 "yarn": _yarn}
+"""One function per study kind, each applying the rule stated in tlm.studies.ablate.RULES."""
+
+
 def verdict(study: Study, groups: dict[str, list[dict]], analyses: dict[str, list[dict]],
-            unigram: float | None = None) -> tuple[str, list[str]]:
+            unigram: float | None = None) -> Verdict:
     """('reproduced' | 'not reproduced' | 'inconclusive' | 'no data', lines of evidence), by the study's rule."""
     if not groups.get(study.baseline):
         return "no data", ["the baseline runs are missing"]
-    base = groups[study.baseline]
-    if study.kind == "better":
-        other = [v for v in groups if v != study.baseline][0]
-        if not groups[other]:
-            return "no data", [f"the {other} runs are missing"]
-        d = compare(base, groups[other])
-        return _label(d.low, d.high), [f"{other} - {study.baseline}: {cell(d)} nats of final validation loss (95% CI)"]
-    if study.kind == "sweep":
-        diffs = {v: compare(base, rs) for v, rs in groups.items() if v != study.baseline and rs}
-        if not diffs:
-            return "no data", ["only the baseline has runs"]
-        beaten = [v for v, d in diffs.items() if d.high < 0]
-        open_ = [v for v, d in diffs.items() if d.low <= 0 <= d.high]
-        lines = [f"{v} - {study.baseline}: {cell(d)}" for v, d in diffs.items()]
-        if beaten:
-            return "not reproduced", [f"beaten by {', '.join(beaten)}"] + lines
-        if open_:
-            return "inconclusive", [f"not separated from {', '.join(open_)}"] + lines
-        return "reproduced", ["the baseline beats every other grid point"] + lines
-    if study.kind == "equivalent":
-        outcomes, lines = {}, []
-        for v, rs in groups.items():
-            if v == study.baseline or not rs:
-                continue
-            d90 = compare(base, rs, level=0.90)
-            outcomes[v] = equivalence(d90, EQUIVALENCE_MARGIN)
-            lines.append(f"{v} - {study.baseline}: {d90.estimate:+.4f}, 90% CI [{d90.low:+.4f}, {d90.high:+.4f}]: "
-                         f"{outcomes[v]}")
-        if not outcomes:
-            return "no data", ["only the baseline has runs"]
-        if "worse" in outcomes.values():
-            return "not reproduced", lines
-        if "undecided" in outcomes.values():
-            return "inconclusive", lines
-        return "reproduced", lines
-    if study.kind == "stability":
-        if unigram is None:
-            return "no data", ["the unigram loss of the validation split is missing (unigram.json)"]
-        highest = {}
-        for position in ("pre", "post"):
-            ok = [float(v.split("lr=")[1]) for v, rs in groups.items()
-                  if v.startswith(position) and rs and all(trains(r, unigram) for r in rs)]
-            highest[position] = max(ok) if ok else None
-        pre, post = highest["pre"], highest["post"]
-        lines = [f"unigram loss {unigram:.4f}; highest rate at which every seed trains: pre-norm {pre}, post-norm {post}"]
-        if pre is None or post is None:
-            return "inconclusive", lines
-        lines.append(f"ratio pre / post = {pre / post:.3g} on a grid of x{', x'.join(str(m) for m in STABILITY_MULTIPLIERS)}")
-        return ("reproduced" if pre / post >= 5 else "not reproduced"), lines
-    if study.kind == "yarn":
-        seeded = [(r["seed"], a) for r, a in zip(base, analyses.get(study.baseline, [])) if a.get("long_context")]
-        if not seeded:
-            return "no data", ["no long-context evaluation"]
-        trained = seeded[0][1]["seq_len"]
-        labels, lines = [], []
-        for factor in YARN_FACTORS:
-            pairs = [(row["plain"], row["yarn"]) for _, a in seeded for row in a["long_context"]
-                     if row["length"] == factor * trained]
-            if not pairs:
-                continue
-            d = paired_difference([p for p, _ in pairs], [y for _, y in pairs]) if len(pairs) > 1 else \
-                welch_difference([p for p, _ in pairs], [y for _, y in pairs])
-            labels.append("reproduced" if d.high < 0 else "not reproduced" if d.low > 0 else "inconclusive")
-            lines.append(f"{factor}x ({factor * trained} tokens): YaRN - RoPE {cell(d)} nats")
-        if not labels:
-            return "no data", ["no evaluation beyond the trained length"]
-        if "not reproduced" in labels:
-            return "not reproduced", lines
-        return ("reproduced" if set(labels) == {"reproduced"} else "inconclusive"), lines
-    raise ValueError(study.kind)
+    return RULES_BY_KIND[study.kind](study, groups[study.baseline], groups, analyses, unigram)
