@@ -133,6 +133,7 @@ def test_ctrl_c_under_torchrun(tmp_path: Path, prepared: Path) -> None:
     assert lines == [f"tlm: interrupted at step {summary['steps']} of 5000: checkpoint written to {summary['checkpoint']}; "
                      "rerun the same command to resume"], err[-3000:]
     assert "KeyboardInterrupt" not in err and "gloo" not in err.lower(), err[-3000:]
+    assert "backend ddp" in err  # two plain ranks are DDP, and the header says so
 
 
 def test_ctrl_c_under_the_deepspeed_launcher(tmp_path: Path, prepared: Path) -> None:
