@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 
-from test_train_distributed import _free_port
+from tlm.training.backends import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,7 +36,7 @@ def test_deepspeed_launcher_with_a_generated_hostfile(tmp_path: Path, prepared: 
 
 
 def test_two_torchrun_nodes_on_localhost(tmp_path: Path, prepared: Path) -> None:
-    port = str(_free_port())
+    port = str(free_port())
     nodes = [subprocess.Popen([str(REPO / "launch" / "torchrun.sh"), *train_flags(prepared, "--train.backend=ddp")],
                               cwd=tmp_path, env=env(NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
                                                     PROCS_PER_NODE="1", RDZV_ID="test"),

@@ -160,3 +160,39 @@ def analyse(run_dir: Path, seq_len: int, windows: int = 16) -> dict[str, Any]:
             result["long_context"].append(row)
     atomic_write_json(path, result)
     return result
+
+
+EVAL_NOISE = "eval_noise.json"
+
+
+@torch.no_grad()
+def eval_noise(run_a: Path, run_b: Path, prepared: Path, batch_size: int = 16) -> dict[str, Any]:
+    """How much evaluation noise is in a comparison of two runs: both models' final losses on every batch of the
+    validation split, the standard error of each mean over batches, and the standard error of the mean of their
+    per-batch difference (what a paired comparison on the same tokens is subject to)."""
+    import math
+
+    import numpy as np
+
+    from data_pipeline.dataset import TokenRows
+    from data_pipeline.stream import make_batch
+    from tlm.checkpointing.model_dir import load_model_dir
+
+    rows = TokenRows(prepared, "val", verify="size")
+    models = [load_model_dir(_latest_model(run) or run, device="cpu") for run in (run_a, run_b)]
+    losses: list[list[float]] = [[], []]
+    for start in range(0, len(rows) - batch_size + 1, batch_size):
+        batch = make_batch(rows, np.arange(start, start + batch_size))
+        for i, model in enumerate(models):
+            total = model(batch["input_ids"], labels=batch["labels"])
+            losses[i].append(float(total) / batch["labels"].numel())
+    a, b = np.array(losses[0]), np.array(losses[1])
+    n = len(a)
+
+    def se(x: np.ndarray) -> float:
+        return float(x.std(ddof=1) / math.sqrt(len(x)))
+
+    return {"runs": [run_a.name, run_b.name], "batches": n, "tokens": n * batch_size * (rows.row_length - 1),
+            "mean": [float(a.mean()), float(b.mean())], "se_of_each_mean": [se(a), se(b)],
+            "se_of_paired_difference": se(b - a), "difference": float((b - a).mean()),
+            "note": "batches of neighbouring rows are correlated: standard errors over them are lower bounds"}

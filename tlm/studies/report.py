@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from tlm.studies.ablate import UNIGRAM, Study, base_config_path, slug, studies
-from tlm.studies.analysis import analyse
+from tlm.studies.analysis import EVAL_NOISE, analyse, eval_noise
 from tlm.studies.plots import plot_position, plot_study, plot_yarn
 from tlm.studies.verdicts import cell, compare, verdict
 from tlm.model.generate import kv_cache_bytes
@@ -68,7 +68,8 @@ def write_report(runs_dir: Path, report_dir: Path, scale: str, seeds: int, names
              "(nats) of a variant minus the baseline's, with a 95% confidence interval (paired t over seeds: a seed "
              "fixes the initial weights and the data order). Each study states its decision rule, fixed before "
              "these runs.", ""]
-    lines += _overview(base, every, len(_planned(names, scale, seeds)), unigram)
+    noise = _eval_noise(runs_dir.parent, report_dir, scale, every)
+    lines += _overview(base, every, len(_planned(names, scale, seeds)), unigram, noise)
     for name in names:
         study, groups = known[name], groups_of[name]
         need = study.kind in ("yarn", "equivalent") or name == "position"
@@ -104,6 +105,30 @@ def write_report(runs_dir: Path, report_dir: Path, scale: str, seeds: int, names
     return path
 
 
+def _eval_noise(out_dir: Path, report_dir: Path, scale: str, runs: dict[str, dict]) -> dict[str, Any] | None:
+    """eval_noise.json (tlm.studies.analysis.eval_noise of two baseline seeds), computed once while their models
+    exist, then kept beside the report."""
+    import json
+
+    for folder in (out_dir, report_dir):
+        if (folder / EVAL_NOISE).is_file():
+            data = json.loads((folder / EVAL_NOISE).read_text())
+            if folder != report_dir:
+                shutil.copyfile(folder / EVAL_NOISE, report_dir / EVAL_NOISE)
+            return data
+    pair = [runs[name]["dir"] for name in ("base-seed0", "base-seed1") if name in runs]
+    if len(pair) < 2 or not all((run / "checkpoints").is_dir() for run in pair):
+        return None
+    from data_pipeline.fileio import atomic_write_json
+    from tlm.training.data import resolve_data
+
+    prepared, _ = resolve_data(load_config(base_config_path(scale)), True)
+    data = eval_noise(pair[0], pair[1], prepared)
+    for folder in (out_dir, report_dir):
+        atomic_write_json(folder / EVAL_NOISE, data)
+    return data
+
+
 def _unigram(out_dir: Path, report_dir: Path) -> dict[str, Any] | None:
     """unigram.json of the study (from the runs' folder, else the report's), copied beside the report."""
     import json
@@ -123,7 +148,7 @@ def _planned(names: list[str], scale: str, seeds: int) -> list[dict[str, Any]]:
     return plan(names, scale, seeds)
 
 
-def _overview(base, runs: dict[str, dict], planned: int, unigram: dict | None) -> list[str]:
+def _overview(base, runs: dict[str, dict], planned: int, unigram: dict | None, noise: dict | None) -> list[str]:
     """Compute, tokens, and how evaluation noise compares with seed noise."""
     if not runs:
         return [f"No runs yet ({planned} planned).", ""]
@@ -138,11 +163,16 @@ def _overview(base, runs: dict[str, dict], planned: int, unigram: dict | None) -
              "or wall time x threads before CPU time was recorded; summed over runs); tokens per run: "
              f"{', '.join(f'{t / 1e6:.2f}M' for t in tokens)}.", ""]
     if ses and len(baseline) > 1:
-        lines += [f"Final validation loss over {', '.join(f'{t:,}' for t in evaluated)} held-out tokens: its standard "
-                  f"error across evaluation batches is {mean(ses):.4f} nats on average (a lower bound: neighbouring "
-                  f"batches are correlated), against a standard deviation of {std(baseline):.4f} nats across the "
-                  f"baseline's {len(baseline)} seeds; every run is evaluated on the same tokens, so the paired "
-                  "differences cancel most of what evaluation noise there is.", ""]
+        lines += [f"Final validation loss over {', '.join(f'{t:,}' for t in evaluated)} held-out tokens. Its standard "
+                  f"error across evaluation batches, {mean(ses):.4f} nats on average, measures how well these tokens "
+                  "stand for the books' text in general; it is the same for every variant, because every run is "
+                  f"evaluated on the same tokens. Against the {std(baseline):.4f} nats standard deviation across the "
+                  f"baseline's {len(baseline)} seeds, what matters is the noise of a paired comparison:"
+                  + (f" {noise['se_of_paired_difference']:.5f} nats, the standard error of the per-batch difference "
+                     f"between {noise['runs'][0]} and {noise['runs'][1]} over {noise['batches']} batches "
+                     f"({noise['tokens']:,} tokens; a lower bound, neighbouring batches are correlated), "
+                     f"{std(baseline) / max(noise['se_of_paired_difference'], 1e-12):.0f}x below the seed noise."
+                     if noise else " not measured (eval_noise.json is missing)."), ""]
     if unigram:
         lines += [f"Unigram loss of the validation split (every token predicted by its training frequency): "
                   f"{unigram['unigram_loss']:.4f} nats.", ""]

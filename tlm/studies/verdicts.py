@@ -74,9 +74,12 @@ def _equivalent(study: Study, base: list[dict], groups: dict[str, list[dict]], a
                      f"{outcomes[v]}")
     if not outcomes:
         return "no data", ["only the baseline has runs"]
+    counts = ", ".join(f"{sum(o == kind for o in outcomes.values())} {kind}" for kind in
+                       ("equivalent", "better", "worse", "undecided") if kind in outcomes.values())
+    summary = [f"against {study.baseline}, within +-{EQUIVALENCE_MARGIN} nats: {counts}"]
     if "worse" in outcomes.values():
-        return "not reproduced", lines
-    return ("inconclusive" if "undecided" in outcomes.values() else "reproduced"), lines
+        return "not reproduced", summary + lines
+    return ("inconclusive" if "undecided" in outcomes.values() else "reproduced"), summary + lines
 
 
 def _stability(study: Study, base: list[dict], groups: dict[str, list[dict]], analyses: dict, unigram) -> Verdict:
@@ -112,9 +115,10 @@ def _yarn(study: Study, base: list[dict], groups: dict[str, list[dict]], analyse
         lines.append(f"{factor}x ({factor * trained} tokens): YaRN - RoPE {cell(d)} nats")
     if not labels:
         return "no data", ["no evaluation beyond the trained length"]
+    summary = [f"YaRN's loss is lower at {labels.count('reproduced')} of {len(labels)} lengths (95% CI below 0)"]
     if "not reproduced" in labels:
-        return "not reproduced", lines
-    return ("reproduced" if set(labels) == {"reproduced"} else "inconclusive"), lines
+        return "not reproduced", summary + lines
+    return ("reproduced" if set(labels) == {"reproduced"} else "inconclusive"), summary + lines
 
 
 RULES_BY_KIND = {"better": _better, "sweep": _sweep, "equivalent": _equivalent, "stability": _stability,
