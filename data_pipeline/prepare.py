@@ -41,6 +41,7 @@ from data_pipeline.workers import assign_sources, worker_dir
 from data_pipeline.formats import JournalEntry, JournalHeader
 from data_pipeline.fileio import DiskFullError, LineAppender, atomic_write_json, cut_torn_tail, disk_full, is_disk_full, sha256_file
 from data_pipeline.locks import FolderLock
+from data_pipeline.parallel import BatchEncoder, available_cores
 from data_pipeline.schema import parse
 from data_pipeline.tokenizer_files import load_tokenizer
 
@@ -337,20 +338,26 @@ def _read_journal(out: Path, fingerprint: str, described: dict[str, Any]) -> dic
     return states
 
 
-def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = True, wait: bool = False) -> dict[str, Any]:
+def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = True, wait: bool = False,
+            num_proc: int | None = None) -> dict[str, Any]:
     """Run (or resume) the preparation; return the manifest.
+
+    `num_proc` processes tokenize (default: the cores available); the output does not depend on it, so an
+    interrupted run may resume with another count.
 
     The output folder has one owner: a second prepare on it is refused at once (or, with `wait`, waits for
     the first one, then finds its result). A full disk is one line; rerunning resumes from the last
     committed shard.
     """
+    if num_proc is not None and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1):
+        raise DataError(f"--num-proc must be a positive number of processes, got {num_proc!r}")
     root = Path(config.out)
     out = worker_dir(root, config.worker_index, config.num_workers) if config.num_workers > 1 else root
     if out.exists() and not out.is_dir():
         raise DataError(f"--out '{out}' is a file; give a folder")
     with FolderLock(out, "prepare output", wait=wait, hint="wait for that prepare to finish, or choose another --out"):
         try:
-            return _prepare(config, out, overwrite, progress)
+            return _prepare(config, out, overwrite, progress, available_cores() if num_proc is None else num_proc)
         except OSError as e:
             if is_disk_full(e) and not isinstance(e, DiskFullError):
                 where = Path(e.filename) if getattr(e, "filename", None) else out
@@ -359,7 +366,7 @@ def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = Tru
             raise
 
 
-def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool) -> dict[str, Any]:
+def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool, num_proc: int) -> dict[str, Any]:
     tok_dir = Path(config.tokenizer)
     tokenizer = load_tokenizer(tok_dir)
     tokenizer.encode_special_tokens = True  # '<|endoftext|>' written in a document is text, not a separator
@@ -418,15 +425,21 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool) 
     batch_chars = 0
     stats = {"documents": 0, "characters": 0}
 
+    encoder = BatchEncoder(tokenizer, num_proc, dtype)
+
     def flush() -> None:
         nonlocal batch, batch_chars
         if not batch:
             return
-        encodings = tokenizer.encode_batch([doc.text for _, _, doc in batch], add_special_tokens=False)
-        for (writer, ordinal, doc), enc in zip(batch, encodings):
-            writer.add(ordinal, np.asarray(enc.ids, dtype=dtype), doc.final)
+        items = batch
+
+        def done(ids: list[np.ndarray]) -> None:  # called in reading order, whatever the number of processes
+            for (writer, ordinal, doc), piece_ids in zip(items, ids):
+                writer.add(ordinal, piece_ids, doc.final)
+            bar.set_postfix(train_rows=writers["train"].state.rows, val_rows=writers["val"].state.rows, refresh=False)
+
+        encoder.submit([doc.text for _, _, doc in items], done)
         batch, batch_chars = [], 0
-        bar.set_postfix(train_rows=writers["train"].state.rows, val_rows=writers["val"].state.rows, refresh=False)
 
     number = -1  # document number in reading order (all sources of this run)
     kept = 0  # documents of this worker's share
@@ -453,13 +466,16 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool) 
             if batch_chars >= config.tokenize_batch_chars or len(batch) >= 4096:
                 flush()
         flush()
+        encoder.drain()
         for writer in writers.values():
             writer.finish()
     except BaseException:
+        encoder.close(abort=True)
         for writer in writers.values():
             writer.abort()
         raise
     finally:
+        encoder.close()
         bar.close()
         journal.close()
     stats["documents"] = kept
@@ -527,12 +543,12 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool) 
 
 def prepare_command(out: str, data: Any = None, tokenizer: str | None = None, val: float | int | None = None,
                     val_data: Any = None, merge: bool = False, overwrite: bool = False, progress: bool = False,
-                    **settings: Any) -> dict[str, Any]:
+                    num_proc: int | None = None, **settings: Any) -> dict[str, Any]:
     """`tlm prepare`: prepare (or merge workers' outputs into) OUT; the figures it prints (JSON)."""
     from data_pipeline import default_data
     from data_pipeline.workers import merge_workers
 
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     if merge:
         manifest = merge_workers(out)
     else:
@@ -541,7 +557,7 @@ def prepare_command(out: str, data: Any = None, tokenizer: str | None = None, va
         data, val_data, val = default_data(data, val_data, val)
         config = PrepareConfig(data=_strings(data), tokenizer=str(tokenizer), out=str(out), val=val,
                                val_data=_strings(val_data) if val_data is not None else None, **settings)
-        manifest = prepare(config, overwrite=overwrite, progress=progress)
+        manifest = prepare(config, overwrite=overwrite, progress=progress, num_proc=num_proc)
     seconds = time.perf_counter() - start
     splits = {k: {f: v[f] for f in ("rows", "tokens", "documents")} | {"shards": len(v["shards"])}
               for k, v in manifest["splits"].items()}
@@ -551,7 +567,9 @@ def prepare_command(out: str, data: Any = None, tokenizer: str | None = None, va
     return {"out": out, "seq_len": manifest["seq_len"], "mode": manifest["mode"], "splits": splits,
             "skipped": manifest["skipped"], "reused": manifest.get("reused", False), "seconds": round(seconds, 2),
             "tokens_per_s": round(tokens / max(seconds, 1e-9)) if rate else None,
-            "mb_per_s": round(manifest["characters"] / 1e6 / max(seconds, 1e-9), 2) if rate else None}
+            "mb_per_s": round(manifest["characters"] / 1e6 / max(seconds, 1e-9), 2) if rate else None,
+            # this process alone (reading, packing, writing; tokenizing too with one process)
+            "process_cpu_s": round(time.process_time() - start_cpu, 2)}
 
 
 def _strings(value: Any) -> list[str]:

@@ -264,3 +264,70 @@ def test_skips_are_reported_in_the_manifest(tmp_path: Path, data_tokenizer: Path
         prepare(config(bad, data_tokenizer, tmp_path / "o"), progress=False)
     manifest = prepare(config(bad, data_tokenizer, tmp_path / "o", on_error="skip"), progress=False)
     assert manifest["skipped"]["by_reason"] == {"not_a_string": 1, "invalid_json": 1, "not_utf8": 1}
+
+
+@pytest.mark.parametrize("pack", [True, False], ids=["pack", "nopack"])
+def test_every_process_count_writes_the_same_bytes(tmp_path: Path, data_tokenizer: Path, shakespeare_jsonl: Path,
+                                                   pack: bool) -> None:
+    cfg = dict(val=0.05, pack=pack, shard_mb=0.01 if pack else 0.0, tokenize_batch_chars=20_000)
+    outputs = {}
+    for n in (1, 2, 3):
+        manifest = prepare(config(shakespeare_jsonl, data_tokenizer, tmp_path / f"p{n}", **cfg), progress=False,
+                           num_proc=n)
+        outputs[n] = shard_bytes(tmp_path / f"p{n}"), (tmp_path / f"p{n}" / "manifest.json").read_bytes()
+        assert manifest["splits"]["train"]["rows"] > 0
+    assert len(outputs[1][0]) > 3  # several shards, from many batches
+    assert outputs[1] == outputs[2] == outputs[3]  # the shards and the manifest, byte for byte
+
+
+def test_num_proc_is_checked_before_any_work(tmp_path: Path, data_tokenizer: Path, shakespeare_jsonl: Path) -> None:
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(DataError, match="--num-proc must be a positive number"):
+            prepare(config(shakespeare_jsonl, data_tokenizer, tmp_path / "o"), progress=False, num_proc=bad)
+    assert not (tmp_path / "o").exists()
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def test_kill_9_under_a_process_pool_resumes_to_identical_output(tmp_path: Path, data_tokenizer: Path,
+                                                                   shakespeare_jsonl: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists():
+        pytest.skip("needs /proc/PID/task/PID/children (Linux)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def command(out: Path, num_proc: int) -> list[str]:
+        settings = dict(data=[str(shakespeare_jsonl)], tokenizer=str(data_tokenizer), out=str(out), seq_len=SEQ,
+                        shard_mb=0.002, tokenize_batch_chars=4000)
+        return [sys.executable, "-c", "from data_pipeline.prepare import PrepareConfig, prepare; "
+                f"prepare(PrepareConfig(**{settings!r}), progress=False, num_proc={num_proc})"]
+
+    reference = tmp_path / "clean"
+    subprocess.run(command(reference, 1), check=True, env=env, capture_output=True)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(command(out, 2), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal, workers, deadline = out / prepare_module.JOURNAL, [], time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        workers = _children(proc.pid) or workers
+        if journal.exists() and len(journal.read_text().splitlines()) >= 4 and len(workers) >= 2:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "prepare finished before it could be killed; give it more work"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{w}").exists() for w in workers)  # no worker outlives the killed prepare
+    assert not (out / "manifest.json").exists()
+    subprocess.run(command(out, 3), check=True, env=env, capture_output=True)  # another count: the same bytes
+    assert shard_bytes(out) == shard_bytes(reference)
+    assert load_manifest(out)["splits"] == load_manifest(reference)["splits"]

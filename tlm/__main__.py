@@ -2,4 +2,5 @@
 
 from tlm.cli import main
 
-main()
+if __name__ == "__main__":  # a process pool started with "spawn" imports this module again
+    main()

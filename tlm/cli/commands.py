@@ -108,11 +108,12 @@ def tokenizer(out: str, data: Any = None, vocab_size: int = 6400, text_field: st
 def prepare(out: str, data: Any = None, tokenizer: str | None = None, seq_len: int = 512, pack: bool = True,
             val: float | int | None = None, val_data: Any = None, text_field: str = "text", sample_by: str = "document",
             on_error: str = "raise", hf_split: str = "train", seed: int = 0, shard_mb: float = 256.0,
-            num_workers: int = 1, worker_index: int = 0, merge: bool = False, overwrite: bool = False) -> None:
+            num_proc: int | None = None, num_workers: int = 1, worker_index: int = 0, merge: bool = False,
+            overwrite: bool = False) -> None:
     """Tokenize, pack and shard a corpus into Arrow files plus manifest.json.
 
     Rerunning an interrupted prepare with the same flags resumes it; the output is byte-identical to an
-    uninterrupted run. For a corpus too large for one machine run N workers (--num_workers N --worker_index I,
+    uninterrupted run. Tokenizing uses every core (--num_proc). For a corpus too large for one machine run N workers (--num_workers N --worker_index I,
     e.g. a Slurm job array), then once --merge.
 
     Args:
@@ -134,7 +135,9 @@ def prepare(out: str, data: Any = None, tokenizer: str | None = None, seq_len: i
         hf_split: the split of a Hugging Face dataset.
         seed: seed of the validation hold-out.
         shard_mb: size of one shard file.
-        num_workers: split the sources across this many workers.
+        num_proc: processes that tokenize (default: the cores available to this process). The output is
+            byte-identical for every count, and an interrupted run may resume with another.
+        num_workers: split the sources across this many workers (separate commands, e.g. on several nodes).
         worker_index: which worker this is (0-based).
         merge: merge the finished workers' outputs in OUT into one manifest.
         overwrite: replace a prepared dataset (or an interrupted one) in OUT.
@@ -144,7 +147,7 @@ def prepare(out: str, data: Any = None, tokenizer: str | None = None, seq_len: i
     emit(prepare_command(out, data, tokenizer, val, val_data, merge, overwrite, progress=sys.stderr.isatty(),
                          seq_len=seq_len, pack=pack, text_field=text_field, sample_by=sample_by, on_error=on_error,
                          hf_split=hf_split, seed=seed, shard_mb=shard_mb, num_workers=num_workers,
-                         worker_index=worker_index))
+                         worker_index=worker_index, num_proc=num_proc))
 
 
 def train(config: str | None = None, show_config: bool = False, **overrides: Any) -> None:
