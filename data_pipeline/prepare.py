@@ -71,6 +71,7 @@ class PrepareConfig:
     worker_index: int = 0
     piece_chars: int = PIECE_CHARS
     tokenize_batch_chars: int = 1 << 19
+    eot_token: str | None = None  # the document separator; None: <|endoftext|> (another tokenizer's EOS, in eval)
 
     def __post_init__(self) -> None:
         if self.seq_len < 1:
@@ -239,7 +240,9 @@ def describe_inputs(config: PrepareConfig, sources: list[Source], tok_sha: str,
     """
     start = time.perf_counter()
     described = {
-        **{k: v for k, v in asdict(config).items() if k not in ("out", "tokenizer", "data", "val_data")},
+        # (eot_token only when set: datasets prepared before it existed keep their fingerprint)
+        **{k: v for k, v in asdict(config).items()
+           if k not in ("out", "tokenizer", "data", "val_data") and not (k == "eot_token" and v is None)},
         "tokenizer_sha256": tok_sha,
         "sources": [{"kind": s.kind, "path": s.path, "bytes": s.size,
                      "sha256": digests[i] if digests is not None else s.content_sha256()} for i, s in enumerate(sources)],
@@ -370,9 +373,9 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool, 
     tok_dir = Path(config.tokenizer)
     tokenizer = load_tokenizer(tok_dir)
     tokenizer.encode_special_tokens = True  # '<|endoftext|>' written in a document is text, not a separator
-    eot = tokenizer.token_to_id(EOT)
+    eot = tokenizer.token_to_id(config.eot_token or EOT)
     if eot is None:
-        raise DataError(f"tokenizer '{tok_dir}' has no {EOT} token (train one with `tlm tokenizer`)")
+        raise DataError(f"tokenizer '{tok_dir}' has no {config.eot_token or EOT} token (train one with `tlm tokenizer`)")
     vocab_size = tokenizer.get_vocab_size()
     dtype = token_dtype(vocab_size)
     tok_sha = tokenizer_sha256(tok_dir)

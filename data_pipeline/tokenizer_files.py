@@ -93,3 +93,40 @@ def special_token_ids(path: str | Path, tokenizer: Tokenizer | None = None) -> d
             (tokenizer.token_to_id(t) for t in candidates if t and tokenizer.token_to_id(t) is not None), None
         )
     return ids
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> the byte it stands for (printable bytes map to themselves,
+    the others to the characters from U+0100 up, in byte order)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> "np.ndarray":
+    """The UTF-8 bytes each token id stands for (0 for special tokens such as <|endoftext|>), so that the bytes a
+    span of ids decodes to is the sum over its ids, even where a character is split across tokens. Byte-level
+    vocabularies are read through their alphabet; others through decoding each id alone (a byte-fallback token
+    `<0xNN>` counts 1; a decoder that drops a word's leading space when the id stands alone undercounts it)."""
+    import numpy as np
+
+    alphabet = _byte_level_alphabet() if type(tokenizer.decoder).__name__ == "ByteLevel" else {}
+    special = {i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special}
+    lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
+    for i in range(len(lengths)):
+        token = tokenizer.id_to_token(i)
+        if token is None or i in special:
+            continue
+        if alphabet and all(c in alphabet for c in token):
+            lengths[i] = len(token)
+        elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            lengths[i] = 1
+        else:
+            lengths[i] = len(tokenizer.decode([i], skip_special_tokens=False).encode("utf-8"))
+    return lengths

@@ -145,6 +145,9 @@ def test_a_run_logs_checkpoints_and_evaluates(tmp_path: Path, prepared: Path) ->
     assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in train_records)
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in evals] == [4, 8] and evals[-1]["val_ppl"] == pytest.approx(math.exp(evals[-1]["val_loss"]))
+    last = evals[-1]  # bits per byte beside the loss: the same sum over the text's bytes
+    assert last["val_bytes"] > last["val_tokens"]
+    assert last["val_bpb"] == pytest.approx(last["val_loss"] * last["val_tokens"] / (math.log(2) * last["val_bytes"]))
     checkpoints = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
     assert checkpoints == ["step-00000004", "step-00000008"]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000008"
@@ -155,6 +158,7 @@ def test_a_run_logs_checkpoints_and_evaluates(tmp_path: Path, prepared: Path) ->
     model = load_model_dir(final / "model")
     assert (final / "model" / "tokenizer.json").exists() and model.config.eos_token_id == 0
     assert json.loads((run / "summary.json").read_text())["val_loss"] == summary["val_loss"] == evals[-1]["val_loss"]
+    assert summary["val_bpb"] == last["val_bpb"]
 
 
 def test_resume_auto_skips_an_incomplete_checkpoint(tmp_path: Path, prepared: Path) -> None:

@@ -75,6 +75,8 @@ class TrainerState(Schema):
     val_ppl: float | None = None
     val_tokens: NonNegInt | None = None
     val_loss_se: float | None = None
+    val_bpb: float | None = None
+    val_bytes: NonNegInt | None = None
 
 
 class CompleteManifest(Schema):

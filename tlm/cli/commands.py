@@ -233,10 +233,14 @@ def bench(preset: str = "tlm-26m", backend: str = "single", batch: int = 32, seq
 
 def eval(checkpoint: str, data: Any, seq_len: int | None = None, split: str | None = None, batch_size: int = 8,
          max_batches: int | None = None, text_field: str = "text", device: str = "auto") -> None:
-    """Validation loss and perplexity of a model directory (JSON on the last line).
+    """Loss, perplexity and bits per byte of a model (JSON on the last line).
+
+    Bits per byte (the loss of the evaluated tokens over the UTF-8 bytes of their text, in bits) does not depend
+    on the tokenizer: evaluate a tlm model and any other causal LM on the same raw text and compare it.
 
     Args:
-        checkpoint: a model directory (e.g. RUN/checkpoints/step-N/model).
+        checkpoint: a tlm model directory (e.g. RUN/checkpoints/step-N/model), or a transformers model folder
+            (e.g. from `tlm export`, or any causal LM saved locally), scored with its own tokenizer.
         data: a prepared folder (its val split, else train), or raw text (files, folders, globs), tokenized with
             the checkpoint's tokenizer and packed into rows of seq_len + 1.
         seq_len: row length for raw text (default: the length the model was trained at, else 512; a prepared
@@ -259,8 +263,9 @@ def eval(checkpoint: str, data: Any, seq_len: int | None = None, split: str | No
         check_int("--max-batches", max_batches, low=1)
     result = evaluate_checkpoint(checkpoint, data, seq_len=seq_len, split=split, batch_size=batch_size,
                                  max_batches=max_batches, device=resolve_device(device), text_field=text_field)
-    logging.getLogger("tlm").info("%s: loss %.4f, perplexity %.2f over %d tokens", checkpoint, result["loss"],
-                                  result["perplexity"], result["tokens"])
+    bpb = f", {result['bits_per_byte']:.4f} bits/byte" if result["bits_per_byte"] is not None else ""
+    logging.getLogger("tlm").info("%s: loss %.4f, perplexity %.2f%s over %d tokens", checkpoint, result["loss"],
+                                  result["perplexity"], bpb, result["tokens"])
     emit(result)
 
 

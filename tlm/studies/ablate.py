@@ -170,7 +170,8 @@ UNIGRAM = "unigram.json"
 
 def unigram_reference(scale: str, out: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """OUT/unigram.json: the loss of predicting every validation token by its training-set frequency (add-one
-    smoothed): the plateau a model that ignores its context sits on, for the stability rule. Computed once from
+    smoothed): the plateau a model that ignores its context sits on, for the stability rule; and the UTF-8 bytes
+    of the validation targets' text (for bits per byte of runs that predate its logging). Computed once from
     the base recipe's prepared data and kept with the runs."""
     import json
 
@@ -181,10 +182,12 @@ def unigram_reference(scale: str, out: Path, extra: dict[str, Any] | None = None
     from tlm.training.data import resolve_data
 
     path = out / UNIGRAM
-    if path.is_file():
-        return json.loads(path.read_text())
+    known = json.loads(path.read_text()) if path.is_file() else None
+    if known is not None and "val_bytes" in known:
+        return known
     config = load_config(base_config_path(scale), extra)
-    prepared, _ = resolve_data(config, True)
+    prepared, tokenizer_dir = resolve_data(config, True)
+    vocab = config.model_config().vocab_size
 
     def targets(split: str):
         rows = TokenRows(prepared, split, verify="size")
@@ -192,7 +195,13 @@ def unigram_reference(scale: str, out: Path, extra: dict[str, Any] | None = None
             block, _ = rows.gather(np.arange(start, min(start + 4096, len(rows))))
             yield block[:, 1:].reshape(-1)
 
-    vocab = config.model_config().vocab_size
+    from tlm.training.evaluate import byte_table
+
+    token_bytes = byte_table(tokenizer_dir, vocab)
+    val_bytes = int(sum(int(token_bytes[ids].sum()) for ids in targets("val")))
+    if known is not None:  # written before bytes were counted: add them
+        atomic_write_json(path, {**known, "val_bytes": val_bytes})
+        return {**known, "val_bytes": val_bytes}
     counts = np.zeros(vocab, dtype=np.int64)
     for ids in targets("train"):
         counts += np.bincount(ids, minlength=vocab)
@@ -202,7 +211,7 @@ def unigram_reference(scale: str, out: Path, extra: dict[str, Any] | None = None
         total -= float(logp[ids].sum())
         tokens += len(ids)
     result = {"unigram_loss": total / tokens, "train_tokens": int(counts.sum()), "val_tokens": tokens,
-              "vocab_size": vocab, "smoothing": "add-one"}
+              "vocab_size": vocab, "smoothing": "add-one", "val_bytes": val_bytes}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, result)
     return result

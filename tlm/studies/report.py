@@ -81,7 +81,7 @@ def write_report(runs_dir: Path, report_dir: Path, scale: str, seeds: int, names
         label, evidence = verdict(study, groups, analyses, unigram["unigram_loss"] if unigram else None)
         lines += [f"**Verdict: {label}.** " + evidence[0] + ("" if len(evidence) == 1 else ":"), ""]
         lines += [f"- {line}" for line in evidence[1:]] + ([""] if len(evidence) > 1 else [])
-        lines += _table(study, groups, base, analyses)
+        lines += _table(study, groups, base, analyses, unigram)
         if study.kind != "yarn":
             plot_study(study, groups, report_dir / f"{name}.png", scale)
             lines += [f"![{study.title}]({name}.png)", ""]
@@ -176,6 +176,12 @@ def _overview(base, runs: dict[str, dict], planned: int, unigram: dict | None, n
     if unigram:
         lines += [f"Unigram loss of the validation split (every token predicted by its training frequency): "
                   f"{unigram['unigram_loss']:.4f} nats.", ""]
+    if unigram and unigram.get("val_bytes"):
+        per_token = unigram["val_bytes"] / unigram["val_tokens"]
+        lines += [f"Bits per byte (comparable across tokenizers): the loss of the evaluated tokens over the UTF-8 bytes "
+                  f"of their text, in bits. The validation split's {unigram['val_tokens']:,} target tokens are "
+                  f"{unigram['val_bytes']:,} bytes ({per_token:.3f} per token), so over the whole split bits per byte "
+                  f"= loss / {math.log(2) * per_token:.4f}.", ""]
     return lines
 
 
@@ -214,11 +220,23 @@ def _parameters(base, overrides: dict[str, Any]) -> int:
         return TransformerLM(config).num_parameters()
 
 
-def _table(study: Study, groups: dict[str, list[dict]], base, analyses: dict[str, list[dict]]) -> list[str]:
+def final_bpb(run: dict[str, Any], unigram: dict[str, Any] | None) -> float | None:
+    """A run's final bits per byte: as logged, else (runs that predate its logging) from its final loss and the
+    bytes of the validation split in unigram.json, when that evaluation covered the whole split."""
+    last = run["val"][-1] if run["val"] else {}
+    if last.get("val_bpb") is not None:
+        return last["val_bpb"]
+    if unigram and unigram.get("val_bytes") and last.get("val_tokens") == unigram["val_tokens"]:
+        return last["val_loss"] * last["val_tokens"] / (math.log(2) * unigram["val_bytes"])
+    return None
+
+
+def _table(study: Study, groups: dict[str, list[dict]], base, analyses: dict[str, list[dict]],
+           unigram: dict[str, Any] | None) -> list[str]:
     kv = study.kind == "equivalent"
-    rows = ["| variant | seeds | final val loss (mean +- std) | diff to baseline [95% CI] | parameters |" +
+    rows = ["| variant | seeds | final val loss (mean +- std) | bits per byte | diff to baseline [95% CI] | parameters |" +
             (" KV cache @512 / @4096 (bf16, batch 1) | decode tokens/s @4096 (CPU) |" if kv else ""),
-            "|---|---|---|---|---|" + ("---|---|" if kv else "")]
+            "|---|---|---|---|---|---|" + ("---|---|" if kv else "")]
     baseline = groups.get(study.baseline, [])
     for variant, runs in groups.items():
         overrides = study.variants[variant]
@@ -226,7 +244,9 @@ def _table(study: Study, groups: dict[str, list[dict]], base, analyses: dict[str
         finals = [r["final_val"] for r in runs]
         loss = f"{mean(finals):.4f} +- {std(finals):.4f}" if finals else "-"
         diff = "baseline" if variant == study.baseline else (cell(compare(baseline, runs)) if runs and baseline else "-")
-        row = f"| {variant} | {len(runs)} | {loss} | {diff} | {_parameters(base, overrides):,} |"
+        bpbs = [b for b in (final_bpb(r, unigram) for r in runs) if b is not None]
+        bpb = f"{mean(bpbs):.4f}" if bpbs and len(bpbs) == len(runs) else "-"
+        row = f"| {variant} | {len(runs)} | {loss} | {bpb} | {diff} | {_parameters(base, overrides):,} |"
         if kv:
             speeds = [a["decode"]["tokens_per_s"] for a in analyses.get(variant, []) if a.get("decode")]
             row += (f" {kv_cache_bytes(config, 1, 512) / 2**20:.2f} MiB / {kv_cache_bytes(config, 1, 4096) / 2**20:.2f} MiB"

@@ -11,6 +11,7 @@ the data of this run before anything is tokenized or prepared.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch.distributed as dist
 
 from data_pipeline.dataset import TokenRows, load_manifest
@@ -129,6 +131,15 @@ class RunData:
     @property
     def packed(self) -> bool:
         return self.rows.pack
+
+    @functools.cached_property
+    def token_bytes(self) -> np.ndarray | None:
+        """Each token id's UTF-8 byte count (for bits per byte); None without a tokenizer."""
+        if self.tokenizer_dir is None:
+            return None
+        from tlm.training.evaluate import byte_table
+
+        return byte_table(self.tokenizer_dir, self.model_config.vocab_size)
 
 
 def model_config_for(config: TrainConfig, tokenizer_dir: Path | None) -> ModelConfig:

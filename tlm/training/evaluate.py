@@ -24,18 +24,23 @@ from tlm.model.transformer import TransformerLM
 
 @torch.no_grad()
 def evaluate(backend: Any, rows: TokenRows, batch_size: int, max_batches: int | None, info: DistInfo,
-             progress: bool = False) -> dict[str, float]:
-    """Validation loss and perplexity over (up to max_batches x batch_size x world) rows of a split.
+             progress: bool = False, token_bytes: np.ndarray | None = None) -> dict[str, float]:
+    """Validation loss, perplexity and (given each token id's UTF-8 byte count, `token_bytes`) bits per byte over
+    (up to max_batches x batch_size x world) rows of a split.
 
-    Every rank runs the same number of forwards (a rank with no rows left runs a weightless one),
-    because ZeRO-3 and FSDP2 gather parameters collectively inside forward.
+    Bits per byte = the summed loss of the evaluated tokens / (ln 2 x the UTF-8 bytes of the text they decode
+    to): the loss of every token, end-of-text predictions included (a boundary is information the bytes do not
+    show), over the bytes of the text. Unlike loss per token it does not depend on the tokenizer, so models with
+    different vocabularies compare. Every rank runs the same number of forwards (a rank with no rows left runs
+    a weightless one), because ZeRO-3 and FSDP2 gather parameters collectively inside forward.
     """
     world, rank = info.world_size, info.rank
     total = len(rows) if max_batches is None else min(len(rows), max_batches * batch_size * world)
     mine = np.arange(rank, total, world, dtype=np.int64)
     steps = math.ceil(math.ceil(total / world) / batch_size)
     # loss sum, tokens; and over full batches their mean losses' sum, sum of squares and count (for the SE)
-    sums = torch.zeros(5, dtype=torch.float64, device=info.device)
+    # and the text's bytes
+    sums = torch.zeros(6, dtype=torch.float64, device=info.device)
     backend.train_mode(False)
     bar = None
     if progress:
@@ -48,6 +53,11 @@ def evaluate(backend: Any, rows: TokenRows, batch_size: int, max_batches: int | 
         indices = mine[i * batch_size : (i + 1) * batch_size]
         weight = 1.0 if len(indices) else 0.0
         batch = make_batch(rows, indices if len(indices) else np.zeros(1, dtype=np.int64))
+        if token_bytes is not None:
+            counted = token_bytes[batch["labels"].numpy()]
+            if "loss_mask" in batch:
+                counted = counted * batch["loss_mask"].numpy()
+            sums[5] += weight * float(counted.sum())
         batch = {k: v.to(info.device) for k, v in batch.items()}
         mask = batch.get("loss_mask")
         loss_sum = weight * backend.loss_sum(batch).double()
@@ -56,7 +66,7 @@ def evaluate(backend: Any, rows: TokenRows, batch_size: int, max_batches: int | 
         sums[1] += tokens
         if len(indices) == batch_size:
             batch_mean = loss_sum / tokens
-            sums[2:] += torch.stack([batch_mean, batch_mean**2, torch.ones_like(batch_mean)])
+            sums[2:5] += torch.stack([batch_mean, batch_mean**2, torch.ones_like(batch_mean)])
     if bar is not None:
         bar.close()
     backend.train_mode(True)
@@ -64,11 +74,23 @@ def evaluate(backend: Any, rows: TokenRows, batch_size: int, max_batches: int | 
         dist.all_reduce(sums)
     loss = (sums[0] / sums[1]).item()
     result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(sums[1].item())}
+    if sums[5].item() > 0:
+        result["val_bpb"] = sums[0].item() / (math.log(2) * sums[5].item())
+        result["val_bytes"] = int(sums[5].item())
     n = sums[4].item()
     if n >= 2:  # the standard error of the mean over batches (batches of neighbouring rows: a lower bound)
         variance = max(0.0, (sums[3].item() - sums[2].item() ** 2 / n) / (n - 1))
         result["val_loss_se"] = math.sqrt(variance / n)
     return result
+
+
+def byte_table(tokenizer_dir: str | Path, vocab_size: int) -> np.ndarray:
+    """Each token id's UTF-8 byte count for the tokenizer in `tokenizer_dir`, padded with zeros to `vocab_size`
+    (ids the tokenizer never emits)."""
+    from data_pipeline.tokenizer_files import load_tokenizer, token_byte_lengths
+
+    lengths = token_byte_lengths(load_tokenizer(tokenizer_dir))
+    return np.pad(lengths, (0, max(0, vocab_size - len(lengths))))
 
 
 class ModelRunner:
@@ -86,12 +108,65 @@ class ModelRunner:
         self.model.train(training)
 
 
+class TransformersRunner:
+    """What `evaluate` needs of a backend, for a transformers causal LM (its logits, fp32 cross-entropy)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self.model(input_ids=batch["input_ids"]).logits.float()
+        losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
+        mask = batch.get("loss_mask")
+        return (losses * mask.flatten().to(losses.dtype)).sum() if mask is not None else losses.sum()
+
+    def train_mode(self, training: bool) -> None:
+        self.model.train(training)
+
+
+def is_transformers_folder(path: str | Path) -> bool:
+    """A transformers model folder (config.json with a model_type), not a tlm model directory."""
+    from tlm.checkpointing.model_dir import CONFIG_NAME
+
+    return (Path(path) / "config.json").is_file() and not (Path(path) / CONFIG_NAME).is_file()
+
+
+def _load_model(checkpoint: str, device: torch.device) -> tuple[Any, Any, int, int | None, str | None]:
+    """(runner, model config, vocabulary size, trained length, end-of-text token) of a tlm model directory or a
+    transformers folder."""
+    if not is_transformers_folder(checkpoint):
+        from tlm.checkpointing.model_dir import read_model_meta
+
+        model = load_model_dir(checkpoint, device=device)
+        return (ModelRunner(model, device), model.config, model.config.vocab_size,
+                read_model_meta(checkpoint).get("trained_seq_len"), None)
+    try:
+        import transformers
+    except ImportError:
+        raise CheckpointError(f"'{checkpoint}' is a transformers model folder; `pip install transformers` to "
+                              "evaluate it") from None
+    from data_pipeline.tokenizer_files import has_tokenizer, load_tokenizer, special_token_ids
+
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{checkpoint}: transformers cannot load this model ({e})") from None
+    eot = None
+    if has_tokenizer(checkpoint):
+        eos = special_token_ids(checkpoint)["eos_token_id"]
+        eot = load_tokenizer(checkpoint).id_to_token(eos) if eos is not None else None
+    vocab = model.config.vocab_size
+    length = getattr(model.config, "max_position_embeddings", None)
+    return TransformersRunner(model), model.config, vocab, min(512, length) if length else None, eot
+
+
 def evaluate_checkpoint(checkpoint: str, data: Any, seq_len: int | None = None, split: str | None = None,
                         batch_size: int = 8, max_batches: int | None = None, device: torch.device | None = None,
                         text_field: str = "text") -> dict[str, Any]:
-    """Evaluate `checkpoint` on a prepared folder (its split) or on raw text (tokenized with its tokenizer)."""
+    """Evaluate `checkpoint` (a tlm model directory or a transformers model folder) on a prepared folder (its
+    split) or on raw text (tokenized with the checkpoint's own tokenizer): loss, perplexity, bits per byte."""
     device = device or torch.device("cpu")
-    model = load_model_dir(checkpoint, device=device)
+    runner, _, vocab_size, trained_len, eot_token = _load_model(checkpoint, device)
     model_tokenizer = Path(checkpoint) / "tokenizer.json"
     with tempfile.TemporaryDirectory(prefix="tlm-eval-") as tmp:
         if isinstance(data, (str, Path)) and (Path(data) / "manifest.json").is_file():
@@ -102,28 +177,30 @@ def evaluate_checkpoint(checkpoint: str, data: Any, seq_len: int | None = None, 
                 from data_pipeline.tokenizer import tokenizer_sha256
 
                 sha = tokenizer_sha256(checkpoint)
-            check_compatible(manifest, model.config.vocab_size, manifest["seq_len"], sha, where=str(folder))
+            check_compatible(manifest, vocab_size, manifest["seq_len"], sha, where=str(folder))
             split = split or ("val" if manifest["splits"]["val"]["rows"] else "train")
         else:
             if not model_tokenizer.is_file():
                 raise CheckpointError(f"checkpoint '{checkpoint}' has no tokenizer to tokenize raw text with; "
                                       "give a prepared folder instead")
             from data_pipeline.prepare import PrepareConfig, prepare
-            from tlm.checkpointing.model_dir import read_model_meta
 
             # Raw text is cut into rows of the length the model was trained at (512 when the folder predates
             # that record), not a fixed 512 that a model trained at 64 has never seen.
-            seq_len = seq_len or read_model_meta(checkpoint).get("trained_seq_len") or 512
+            seq_len = seq_len or trained_len or 512
             folder = Path(tmp) / "data"
             sources = [str(d) for d in data] if isinstance(data, (list, tuple)) else [str(data)]
             prepare(PrepareConfig(data=sources, tokenizer=str(checkpoint), out=str(folder), seq_len=seq_len, val=0.0,
-                                  text_field=text_field), progress=False)
+                                  text_field=text_field, eot_token=eot_token), progress=False)
             split = "raw text"
         rows = TokenRows(folder, "train" if split == "raw text" else split)
-        check_token_range(rows, model.config.vocab_size)
+        check_token_range(rows, vocab_size)
         info = DistInfo(0, 1, 0, device)
-        result = evaluate(ModelRunner(model, device), rows, batch_size, max_batches, info, progress=sys.stderr.isatty())
-    return {"loss": result["val_loss"], "perplexity": result["val_ppl"], "tokens": result["val_tokens"],
-            "loss_se": result.get("val_loss_se"),
+        token_bytes = byte_table(checkpoint, vocab_size) if model_tokenizer.is_file() else None
+        with torch.no_grad():
+            result = evaluate(runner, rows, batch_size, max_batches, info, progress=sys.stderr.isatty(),
+                              token_bytes=token_bytes)
+    return {"loss": result["val_loss"], "perplexity": result["val_ppl"], "bits_per_byte": result.get("val_bpb"),
+            "tokens": result["val_tokens"], "bytes": result.get("val_bytes"), "loss_se": result.get("val_loss_se"),
             "rows": len(rows) if max_batches is None else min(len(rows), max_batches * batch_size),
             "split": split, "seq_len": rows.seq_len, "checkpoint": str(checkpoint)}

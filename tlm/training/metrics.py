@@ -82,6 +82,8 @@ class MetricsRecord(Schema):
     val_ppl: float | None = None
     val_tokens: NonNegInt | None = None
     val_loss_se: float | None = None
+    val_bpb: float | None = None
+    val_bytes: NonNegInt | None = None
     lr: float | None = None
     tokens_seen: NonNegInt | None = None
     tokens_per_s: float | None = None

@@ -250,10 +250,11 @@ class Trainer:
             return
         max_batches = None if final and self.config.eval.final_full else self.config.eval.max_batches
         self.last_eval = evaluate(self.backend, self.data.val_rows, self.config.eval.batch_size or self.micro,
-                                  max_batches, self.info)
+                                  max_batches, self.info, token_bytes=self.data.token_bytes)
         self.record({"step": self.step, **self.last_eval, "tokens_seen": self.progress.tokens_seen})
+        bpb = f", {self.last_eval['val_bpb']:.4f} bits/byte" if "val_bpb" in self.last_eval else ""
         self.logger.say(f"step {self.step}: val loss {self.last_eval['val_loss']:.4f}, perplexity "
-                        f"{self.last_eval['val_ppl']:.2f} over {self.last_eval['val_tokens']:,} tokens")
+                        f"{self.last_eval['val_ppl']:.2f}{bpb} over {self.last_eval['val_tokens']:,} tokens")
 
     def checkpoint(self) -> Path:
         path = self.checkpointer.save(self.step)
@@ -347,7 +348,8 @@ class Trainer:
             if self.state is not None and self.step == self.state["step"]:
                 if info.is_main:
                     log.info("%s is already at step %d; nothing to train", self.run_dir, self.step)
-                self.last_eval = {k: self.state[k] for k in ("val_loss", "val_ppl", "val_tokens", "val_loss_se")
+                self.last_eval = {k: self.state[k] for k in ("val_loss", "val_ppl", "val_tokens", "val_loss_se",
+                                                             "val_bpb", "val_bytes")
                                   if k in self.state}
                 final_path = self.resume
             else:
