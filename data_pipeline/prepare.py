@@ -36,7 +36,7 @@ from data_pipeline.shards import (
     token_dtype,
 )
 from data_pipeline.sources import PIECE_CHARS, DataError, Document, DocumentReader, Source, resolve_sources
-from data_pipeline.tokenizer import EOT, tokenizer_sha256
+from data_pipeline.tokenizer import EOT, separator_token, tokenizer_sha256
 from data_pipeline.workers import assign_sources, worker_dir
 from data_pipeline.formats import JournalEntry, JournalHeader
 from data_pipeline.fileio import DiskFullError, LineAppender, atomic_write_json, cut_torn_tail, disk_full, is_disk_full, sha256_file
@@ -373,9 +373,11 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool, 
     tok_dir = Path(config.tokenizer)
     tokenizer = load_tokenizer(tok_dir)
     tokenizer.encode_special_tokens = True  # '<|endoftext|>' written in a document is text, not a separator
-    eot = tokenizer.token_to_id(config.eot_token or EOT)
+    eot_token = config.eot_token or separator_token(tokenizer, tok_dir)
+    eot = None if eot_token is None else tokenizer.token_to_id(eot_token)
     if eot is None:
-        raise DataError(f"tokenizer '{tok_dir}' has no {config.eot_token or EOT} token (train one with `tlm tokenizer`)")
+        raise DataError(f"tokenizer '{tok_dir}' has no {eot_token or EOT} token to separate documents with (train one "
+                        "with `tlm tokenizer`, or import one with `tlm tokenizer --from DIR`)")
     vocab_size = tokenizer.get_vocab_size()
     dtype = token_dtype(vocab_size)
     tok_sha = tokenizer_sha256(tok_dir)

@@ -135,3 +135,61 @@ def train_and_save(out: str, data: Any = None, vocab_size: int = 6400, text_fiel
     return {"out": out, "vocab_size": trained.get_vocab_size(), "special_tokens": list(SPECIAL_TOKENS),
             "sha256": tokenizer_sha256(out), "documents": reader.documents_read, "skipped": reader.skips.to_dict(),
             "seconds": round(seconds, 2)}
+
+
+SLOW_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.model", "vocab.txt", "spiece.model")
+
+
+def import_tokenizer(src: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """`tlm tokenizer --from DIR`: take another project's tokenizer (a tokenizer.json, with its transformers config
+    files when present) into OUT, after checking that tlm can use it: it loads, and it has an end-of-text token
+    to separate documents with (`<|endoftext|>`, else the eos_token its config names, else a conventional EOS).
+    The model's bos / eos / pad ids are then taken from it, as from a tokenizer tlm trained."""
+    from data_pipeline.errors import DataError
+    from data_pipeline.locks import FolderLock
+    from data_pipeline.tokenizer_files import copy_tokenizer_files, load_tokenizer, special_token_ids
+
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise DataError(f"--from '{src}' is not a folder (give the folder holding tokenizer.json)")
+    if not (src / "tokenizer.json").is_file():
+        slow = [n for n in SLOW_TOKENIZER_FILES if (src / n).is_file()]
+        hint = (f": it holds {', '.join(slow)} (a slow tokenizer); write tokenizer.json with transformers: "
+                f"AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)" if slow else "")
+        raise DataError(f"--from '{src}' has no tokenizer.json{hint}")
+    tokenizer = load_tokenizer(src)
+    ids = special_token_ids(src, tokenizer)
+    separator = tokenizer.token_to_id(EOT)
+    if separator is None:
+        separator = ids["eos_token_id"]
+    if separator is None:
+        raise DataError(f"'{src / 'tokenizer.json'}' has no end-of-text token to separate documents with (no "
+                        f"{EOT}, and its config names no eos_token that is in the vocabulary); add one as a special "
+                        "token, or set eos_token in tokenizer_config.json, and import again")
+    if src.resolve() == out.resolve():
+        raise DataError(f"--from and --out are the same folder '{out}'")
+    if (out / "tokenizer.json").exists() and not overwrite:
+        raise DataError(f"'{out}' already holds a tokenizer; pass --overwrite to replace it")
+    with FolderLock(out, "tokenizer output", hint="wait for that `tlm tokenizer` to finish, or choose another --out"):
+        copied = copy_tokenizer_files(src, out)
+        if "tokenizer_config.json" not in copied:  # state the roles, so that every reader maps the same ids
+            roles = {f"{role}_token": tokenizer.id_to_token(ids[f"{role}_token_id"])
+                     for role in ("bos", "eos", "pad") if ids[f"{role}_token_id"] is not None}
+            (out / "tokenizer_config.json").write_text(json.dumps(
+                {"tokenizer_class": "PreTrainedTokenizerFast", **roles}, indent=2) + "\n")
+    return {"out": str(out), "from": str(src), "vocab_size": tokenizer.get_vocab_size(),
+            "separator": {"token": tokenizer.id_to_token(separator), "id": separator},
+            **{f"{role}_token": None if ids[f"{role}_token_id"] is None else
+               {"token": tokenizer.id_to_token(ids[f"{role}_token_id"]), "id": ids[f"{role}_token_id"]}
+               for role in ("bos", "eos", "pad")},
+            "sha256": tokenizer_sha256(out)}
+
+
+def separator_token(tokenizer: Tokenizer, tokenizer_dir: str | Path) -> str | None:
+    """The token that ends a document: <|endoftext|>, else the tokenizer's EOS (an imported tokenizer)."""
+    from data_pipeline.tokenizer_files import special_token_ids
+
+    if tokenizer.token_to_id(EOT) is not None:
+        return EOT
+    eos = special_token_ids(tokenizer_dir, tokenizer)["eos_token_id"]
+    return None if eos is None else tokenizer.id_to_token(eos)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from data_pipeline.sources import DocumentReader, resolve_sources, split_text
@@ -97,3 +99,71 @@ def test_training_is_deterministic(tmp_path: Path, shakespeare_jsonl: Path) -> N
         tok = train_tokenizer(DocumentReader(resolve_sources(str(shakespeare_jsonl))), vocab_size=600, show_progress=False)
         save_tokenizer(tok, tmp_path / name)
     assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+
+
+def _foreign_tokenizer(folder: Path, specials: list[str], config: dict | None) -> Path:
+    """A byte-level BPE from elsewhere, with other special tokens (as Llama-style '<s>' / '</s>')."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as Tok
+
+    tok = Tok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the king and the queen walked on the sea shore"] * 50, trainer=trainer)
+    folder.mkdir(parents=True)
+    tok.save(str(folder / "tokenizer.json"))
+    if config is not None:
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _cli(args: list, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    from tlm.cli import main
+
+    try:
+        main([str(a) for a in args])
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_an_imported_tokenizer_separates_documents_with_its_own_eos(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from data_pipeline.dataset import TokenRows
+    from data_pipeline.prepare import PrepareConfig, prepare
+    from data_pipeline.tokenizer_files import special_token_ids
+
+    src = _foreign_tokenizer(tmp_path / "theirs", ["<unk>", "<s>", "</s>"], {"bos_token": "<s>", "eos_token": "</s>"})
+    status, out, err = _cli(["tokenizer", "--from", src, "--out", tmp_path / "ours"], capsys)
+    assert status == 0, err
+    figures = json.loads(out.strip().splitlines()[-1])
+    assert figures["separator"] == {"token": "</s>", "id": 2} and figures["bos_token"] == {"token": "<s>", "id": 1}
+    assert special_token_ids(tmp_path / "ours")["eos_token_id"] == 2  # the model's ids follow the tokenizer
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": f"the king {i} walked"}) + "\n" for i in range(40)))
+    manifest = prepare(PrepareConfig(data=[str(data)], tokenizer=str(tmp_path / "ours"), out=str(tmp_path / "p"),
+                                     seq_len=16, val=0.0), progress=False, num_proc=1)
+    rows = TokenRows(tmp_path / "p", "train")
+    flat = rows.gather(np.arange(len(rows)))[0].reshape(-1)
+    assert manifest["tokenizer"]["eot_token_id"] == 2 and int((flat == 2).sum()) == manifest["splits"]["train"]["documents_in_rows"] > 0
+
+    # A config-less tokenizer with a conventional EOS: imported, and the roles written down.
+    bare = _foreign_tokenizer(tmp_path / "bare", ["</s>"], None)
+    assert _cli(["tokenizer", "--from", bare, "--out", tmp_path / "ours2"], capsys)[0] == 0
+    assert json.loads((tmp_path / "ours2" / "tokenizer_config.json").read_text())["eos_token"] == "</s>"
+
+
+def test_tokenizers_tlm_cannot_use_are_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    no_eos = _foreign_tokenizer(tmp_path / "noeos", ["<unk>", "<mask>"], {"unk_token": "<unk>"})
+    status, _, err = _cli(["tokenizer", "--from", no_eos, "--out", tmp_path / "o1"], capsys)
+    assert status == 2 and "has no end-of-text token to separate documents with" in err and len(err.splitlines()) == 1
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "vocab.json").write_text("{}")
+    (slow / "merges.txt").write_text("")
+    status, _, err = _cli(["tokenizer", "--from", slow, "--out", tmp_path / "o2"], capsys)
+    assert status == 2 and "no tokenizer.json: it holds vocab.json, merges.txt (a slow tokenizer)" in err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

@@ -148,6 +148,9 @@ def _report(error: BaseException, line: str) -> None:
 
 
 def _normalise(args: list[str]) -> list[str]:
+    # `tlm tokenizer --from DIR`: "from" cannot name a Python parameter
+    if args and args[0] == "tokenizer":
+        args = [("--from_dir" + a[len("--from"):]) if a == "--from" or a.startswith("--from=") else a for a in args]
     # The deepspeed launcher adds --local_rank=N (before the command when run with --module); the rank is also in
     # the environment, so drop the flag wherever it is.
     for arg in [a for a in args if a.split("=")[0] in ("--local_rank", "--local-rank")]:

@@ -79,8 +79,13 @@ def generate(checkpoint: str, prompt: Any = None, max_new_tokens: int = 64, temp
 
 def tokenizer(out: str, data: Any = None, vocab_size: int = 6400, text_field: str = "text", sample_by: str = "document",
               on_error: str = "raise", max_chars: int | None = None, min_frequency: int = 2,
-              overwrite: bool = False) -> None:
-    """Train a byte-level BPE tokenizer (tokenizers) from a streamed source.
+              overwrite: bool = False, from_dir: str | None = None) -> None:
+    """Train a byte-level BPE tokenizer (tokenizers) from a streamed source, or import one (--from DIR).
+
+    --from DIR takes another project's tokenizer (any folder with a tokenizer.json, e.g. the original MiniMind
+    tokenizer) so that a recipe can be reproduced with its own tokenizer: it is checked (it loads; it has an
+    end-of-text token to separate documents: <|endoftext|>, else its config's eos_token) and copied to OUT;
+    the model's bos / eos / pad ids follow it.
 
     Special tokens: <|endoftext|> (0: document separator, EOS, padding), <|im_start|> (1) and <|im_end|> (2)
     (ChatML turn markers for a later chat corpus). transformers' AutoTokenizer loads the result.
@@ -96,7 +101,13 @@ def tokenizer(out: str, data: Any = None, vocab_size: int = 6400, text_field: st
         max_chars: train on the first MAX_CHARS characters only.
         min_frequency: smallest count for a pair to be merged.
         overwrite: replace an existing tokenizer in OUT.
+        from_dir: (--from) import the tokenizer in this folder instead of training one.
     """
+    if from_dir is not None:
+        from data_pipeline.tokenizer import import_tokenizer
+
+        emit(import_tokenizer(from_dir, out, overwrite))
+        return
     from data_pipeline.tokenizer import train_and_save
     from tlm.inference import check_int
 
