@@ -105,6 +105,7 @@ class SplitStateEntry(Schema):
     resume_piece: NonNegInt
     resume_offset: NonNegInt
     skip_rest_of_document: StrictBool = False
+    stop_after: NonNegInt | None = None
 
 
 class JournalEntry(Schema):

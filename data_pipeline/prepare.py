@@ -47,6 +47,7 @@ from data_pipeline.tokenizer_files import load_tokenizer
 
 log = logging.getLogger("tlm.prepare")
 JOURNAL = ".prepare-journal.jsonl"
+OPTIONAL_SETTINGS = ("eot_token", "hf_config", "max_tokens")
 SPLITS = ("train", "val")
 
 
@@ -72,6 +73,8 @@ class PrepareConfig:
     piece_chars: int = PIECE_CHARS
     tokenize_batch_chars: int = 1 << 19
     eot_token: str | None = None  # the document separator; None: <|endoftext|> (another tokenizer's EOS, in eval)
+    hf_config: str | None = None  # the configuration (subset) of a Hugging Face dataset
+    max_tokens: int | None = None  # stop once the train split holds this many tokens (rounded up to whole rows)
 
     def __post_init__(self) -> None:
         if self.seq_len < 1:
@@ -84,6 +87,9 @@ class PrepareConfig:
             raise DataError("give either --val (held out from --data) or --val-data (a separate source), not both")
         if not 0 <= self.worker_index < self.num_workers:
             raise DataError(f"--worker-index must be in [0, {self.num_workers}), got {self.worker_index}")
+        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
+                                            or self.max_tokens < 1):
+            raise DataError(f"--max-tokens must be a positive number of tokens, got {self.max_tokens!r}")
         if self.num_workers > 1 and isinstance(self.val, int) and self.val:
             raise DataError("--val N (a count of documents) needs one worker; give a fraction or --val-data")
 
@@ -100,6 +106,9 @@ class SplitState:
     resume_piece: int = 0
     resume_offset: int = 0
     skip_rest_of_document: bool = False
+    # --max-tokens: the reading position (piece number over all splits) at which the train split filled up;
+    # nothing after it is written to any split, also after a resume
+    stop_after: int | None = None
 
 
 class SplitWriter:
@@ -126,6 +135,7 @@ class SplitWriter:
         self.dropped_tokens = 0
         self.documents_fed = 0
         self.truncated_in_shard = 0  # no-pack: documents cut to the row length in the open shard
+        self.max_rows = -(-config.max_tokens // self.row_length) if config.max_tokens and split == "train" else None
 
     def claim(self) -> tuple[int, bool]:
         """Ordinal for the next piece, and whether it must be tokenized (False: before the resume point)."""
@@ -133,7 +143,8 @@ class SplitWriter:
         self.next_piece += 1
         return ordinal, ordinal >= self.state.resume_piece
 
-    def add(self, ordinal: int, ids: np.ndarray, final: bool) -> None:
+    def add(self, ordinal: int, ids: np.ndarray, final: bool, position: int = 0) -> None:
+        self.position = position  # the reading position, recorded as stop_after when --max-tokens is reached
         if self.pack:
             self._add_packed(ordinal, ids, final)
         else:
@@ -188,7 +199,17 @@ class SplitWriter:
 
     # --- shards ------------------------------------------------------------------------------------
 
+    @property
+    def full(self) -> bool:
+        """The split holds the rows --max-tokens asks for."""
+        return self.max_rows is not None and self.state.rows >= self.max_rows
+
     def _emit(self, rows: np.ndarray, lengths: np.ndarray | None = None) -> None:
+        if self.max_rows is not None:  # the first max_rows rows of the stream, wherever the batches fell
+            rows = rows[: max(0, self.max_rows - self.state.rows)]
+            lengths = None if lengths is None else lengths[: len(rows)]
+            if len(rows) and self.state.rows + len(rows) >= self.max_rows:
+                self.state.stop_after = self.position  # before the commit below journals the state
         while len(rows):
             if self.shard is None:
                 name = f"{self.split}-{len(self.state.shards):05d}.arrow"
@@ -240,9 +261,9 @@ def describe_inputs(config: PrepareConfig, sources: list[Source], tok_sha: str,
     """
     start = time.perf_counter()
     described = {
-        # (eot_token only when set: datasets prepared before it existed keep their fingerprint)
+        # (settings added later only when set: datasets prepared before they existed keep their fingerprint)
         **{k: v for k, v in asdict(config).items()
-           if k not in ("out", "tokenizer", "data", "val_data") and not (k == "eot_token" and v is None)},
+           if k not in ("out", "tokenizer", "data", "val_data") and not (k in OPTIONAL_SETTINGS and v is None)},
         "tokenizer_sha256": tok_sha,
         "sources": [{"kind": s.kind, "path": s.path, "bytes": s.size,
                      "sha256": digests[i] if digests is not None else s.content_sha256()} for i, s in enumerate(sources)],
@@ -417,7 +438,8 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool, 
 
     writers = {s: SplitWriter(out, s, config, eot, dtype, states[s], on_commit) for s in SPLITS}
     reader = DocumentReader(sources, text_field=config.text_field, sample_by=config.sample_by,
-                            on_error=config.on_error, hf_split=config.hf_split, piece_chars=config.piece_chars)
+                            on_error=config.on_error, hf_split=config.hf_split, piece_chars=config.piece_chars,
+                            hf_config=config.hf_config)
     mine, by_document = assign_sources(train_sources, config.num_workers, config.worker_index)
     indices = (mine if mine is not None else list(range(len(train_sources)))) + \
         [len(train_sources) + i for i in range(len(val_sources)) if config.worker_index == 0 or by_document]
@@ -426,7 +448,7 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool, 
     from tqdm import tqdm
 
     bar = tqdm(unit=" docs", file=sys.stderr, disable=not progress, mininterval=1.0, desc=f"prepare {out.name}")
-    batch: list[tuple[SplitWriter, int, Document]] = []
+    batch: list[tuple[SplitWriter, int, Document, int]] = []  # (writer, piece ordinal, piece, reading position)
     batch_chars = 0
     stats = {"documents": 0, "characters": 0}
 
@@ -439,18 +461,36 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool, 
         items = batch
 
         def done(ids: list[np.ndarray]) -> None:  # called in reading order, whatever the number of processes
-            for (writer, ordinal, doc), piece_ids in zip(items, ids):
-                writer.add(ordinal, piece_ids, doc.final)
+            for (writer, ordinal, doc, position), piece_ids in zip(items, ids):
+                stop = writers["train"].state.stop_after
+                if stop is not None and position > stop:  # --max-tokens reached: nothing after it, in any split
+                    break
+                writer.add(ordinal, piece_ids, doc.final, position)
+                if capped:  # counted as written, so that read-ahead never counts
+                    count(writer, doc)
             bar.set_postfix(train_rows=writers["train"].state.rows, val_rows=writers["val"].state.rows, refresh=False)
 
-        encoder.submit([doc.text for _, _, doc in items], done)
+        encoder.submit([doc.text for _, _, doc, _ in items], done)
         batch, batch_chars = [], 0
 
     number = -1  # document number in reading order (all sources of this run)
     kept = 0  # documents of this worker's share
+    position = -1  # piece number in reading order
+    capped = config.max_tokens is not None
+    source_documents = [0] * len(sources)  # with --max-tokens: documents up to the stop, per source
+
+    def count(writer: SplitWriter, doc: Document) -> None:
+        writer.documents_fed += doc.final  # every document, also those a resume skips and those cut by the tail
+        source_documents[doc.source] += doc.final
+        stats["characters"] += len(doc.text)
+
     try:
         new_document = True
         for doc in reader.documents(indices):
+            position += 1
+            stop = writers["train"].state.stop_after
+            if stop is not None and position > stop:  # a streamed hub dataset is never read further
+                break
             if new_document:
                 number += 1
                 is_val = doc.source >= len(train_sources) or held_out(doc.source, doc.record, number)
@@ -461,12 +501,12 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool, 
             if not mine_doc:
                 continue
             writer = writers["val" if is_val else "train"]
-            writer.documents_fed += doc.final  # every document, also those a resume skips and those cut by the tail
             ordinal, needed = writer.claim()
-            stats["characters"] += len(doc.text)
+            if not needed or not capped:
+                count(writer, doc)
             if not needed:
                 continue
-            batch.append((writer, ordinal, doc))
+            batch.append((writer, ordinal, doc, position))
             batch_chars += len(doc.text)
             if batch_chars >= config.tokenize_batch_chars or len(batch) >= 4096:
                 flush()
@@ -486,7 +526,7 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool, 
     stats["documents"] = kept
 
     problem = None
-    if kept == 0:
+    if kept == 0 and not any(w.state.rows for w in writers.values()):
         skipped = reader.skips.to_dict()["by_reason"]
         problem = f"no documents in {config.data}" + (f" (skipped: {skipped})" if skipped else "")
     elif writers["train"].state.rows == 0 and config.num_workers == 1:
@@ -513,7 +553,8 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool, 
         "sample_by": config.sample_by,
         "sources": [
             {"path": s.path, "kind": s.kind, "compression": s.compression, "bytes": s.size,
-             "sha256": described["sources"][i]["sha256"], "documents": reader.documents_per_source[i], "split": "val" if i >= len(train_sources) else "train"}
+             "sha256": described["sources"][i]["sha256"],
+             "documents": source_documents[i] if capped else reader.documents_per_source[i], "split": "val" if i >= len(train_sources) else "train"}
             for i, s in enumerate(sources) if i in indices
         ],
         "val": {"data": config.val_data, "held_out": config.val, "seed": config.seed},

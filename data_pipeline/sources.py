@@ -129,14 +129,22 @@ def _readable(path: Path) -> bool:
         return False
 
 
+HF_PREFIX = "hf:"
+
+
 def resolve_sources(spec: str | list[str] | tuple[str, ...]) -> list[Source]:
-    """Turn files, folders (searched recursively), globs and dataset names into an ordered source list."""
+    """Turn files, folders (searched recursively), globs and dataset names into an ordered source list.
+    `hf:NAME` streams NAME through `datasets.load_dataset(NAME, streaming=True)` (a hub name, or a local folder
+    of Parquet / JSON files); ORG/NAME that is not a local path means the same."""
     items = list(spec) if isinstance(spec, (list, tuple)) else [spec]
     if not items:
         raise DataError("no data source given")
     sources: list[Source] = []
     for item in items:
         item = str(item)
+        if item.startswith(HF_PREFIX):  # streamed through `datasets`, as a hub name is (also a local folder/file)
+            sources.append(Source("hf", item[len(HF_PREFIX):]))
+            continue
         path = Path(item).expanduser()
         if path.is_dir():
             if _is_saved_dataset(path):
@@ -300,6 +308,7 @@ class DocumentReader:
         on_error: str = "raise",
         hf_split: str = "train",
         piece_chars: int = PIECE_CHARS,
+        hf_config: str | None = None,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise DataError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -311,6 +320,7 @@ class DocumentReader:
         self.on_error = on_error
         self.hf_split = hf_split
         self.piece_chars = piece_chars
+        self.hf_config = hf_config
         self.skips = SkipCounter()
         self.documents_per_source = [0] * len(sources)
 
@@ -478,7 +488,9 @@ class DocumentReader:
                         raise DataError(f"{source.path}: no split '{self.hf_split}' (splits: {', '.join(data)})")
                     data = data[self.hf_split]
             else:
-                data = datasets.load_dataset(source.path, split=self.hf_split, streaming=True)
+                # Streamed: records arrive as they are read, so tokenizing starts at once and a capped run
+                # (--max-tokens) never downloads the rest.
+                data = datasets.load_dataset(source.path, self.hf_config, split=self.hf_split, streaming=True)
         except DataError:
             raise
         except Exception as e:

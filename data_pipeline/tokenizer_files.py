@@ -10,6 +10,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from tokenizers import Tokenizer
 
 from data_pipeline.errors import CheckpointError
@@ -109,13 +111,11 @@ def _byte_level_alphabet() -> dict[str, int]:
     return chars
 
 
-def token_byte_lengths(tokenizer: Tokenizer) -> "np.ndarray":
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     """The UTF-8 bytes each token id stands for (0 for special tokens such as <|endoftext|>), so that the bytes a
     span of ids decodes to is the sum over its ids, even where a character is split across tokens. Byte-level
     vocabularies are read through their alphabet; others through decoding each id alone (a byte-fallback token
     `<0xNN>` counts 1; a decoder that drops a word's leading space when the id stands alone undercounts it)."""
-    import numpy as np
-
     alphabet = _byte_level_alphabet() if type(tokenizer.decoder).__name__ == "ByteLevel" else {}
     special = {i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special}
     lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)

@@ -150,9 +150,9 @@ def test_resume_skips_the_tokenizing_of_committed_input(tmp_path: Path, data_tok
     added = {"pieces": 0}
     writer_add = prepare_module.SplitWriter.add
 
-    def counting(self, ordinal, ids, final):
+    def counting(self, ordinal, ids, final, position=0):
         added["pieces"] += 1
-        return writer_add(self, ordinal, ids, final)
+        return writer_add(self, ordinal, ids, final, position)
 
     monkeypatch.setattr(prepare_module.SplitWriter, "add", counting)
     prepare(config(shakespeare_jsonl, data_tokenizer, tmp_path / "o"), progress=False)
@@ -331,3 +331,54 @@ def test_kill_9_under_a_process_pool_resumes_to_identical_output(tmp_path: Path,
     subprocess.run(command(out, 3), check=True, env=env, capture_output=True)  # another count: the same bytes
     assert shard_bytes(out) == shard_bytes(reference)
     assert load_manifest(out)["splits"] == load_manifest(reference)["splits"]
+
+
+@pytest.mark.parametrize("crash_at", [2, 3], ids=["crash-before-val-commit", "crash-before-manifest"])
+@pytest.mark.parametrize("cap_rows", [100, 700])
+def test_max_tokens_keeps_the_first_rows_whatever_the_processes_or_a_crash(
+        tmp_path: Path, data_tokenizer: Path, shakespeare_jsonl: Path, monkeypatch: pytest.MonkeyPatch,
+        cap_rows: int, crash_at: int) -> None:
+    cfg = dict(val=0.05, tokenize_batch_chars=10_000)  # 700 rows fill after many batches, read ahead by a pool
+    full = prepare(config(shakespeare_jsonl, data_tokenizer, tmp_path / "full", **cfg), progress=False, num_proc=1)
+    cap = cap_rows * (SEQ + 1) - 7  # rounds up to cap_rows rows
+    outs = []
+    for n in (1, 2):
+        manifest = prepare(config(shakespeare_jsonl, data_tokenizer, tmp_path / f"cap{n}", max_tokens=cap, **cfg),
+                           progress=False, num_proc=n)
+        outs.append((shard_bytes(tmp_path / f"cap{n}"), manifest["splits"]))
+    assert outs[0] == outs[1]
+    splits = outs[0][1]
+    assert splits["train"]["rows"] == cap_rows < full["splits"]["train"]["rows"]
+    assert (all_rows(tmp_path / "cap1") == all_rows(tmp_path / "full")[:cap_rows]).all()  # the uncapped run's first
+    assert 0 < splits["val"]["rows"] < full["splits"]["val"]["rows"]  # validation stops at the same document
+    with monkeypatch.context() as patch:
+        crash_after_journal_entries(patch, crash_at)
+        with pytest.raises(Crash):
+            prepare(config(shakespeare_jsonl, data_tokenizer, tmp_path / "crashed", max_tokens=cap, **cfg),
+                    progress=False, num_proc=2)
+    resumed = prepare(config(shakespeare_jsonl, data_tokenizer, tmp_path / "crashed", max_tokens=cap, **cfg),
+                      progress=False, num_proc=1)
+    assert shard_bytes(tmp_path / "crashed") == outs[0][0] and resumed["splits"] == splits
+    with pytest.raises(DataError, match="--max-tokens must be a positive number"):
+        config(shakespeare_jsonl, data_tokenizer, tmp_path / "bad", max_tokens=0)
+
+
+def test_a_streamed_dataset_reads_like_its_files_and_stops_at_max_tokens(tmp_path: Path, data_tokenizer: Path,
+                                                                         shakespeare_jsonl: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [json.loads(line)["text"] for line in shakespeare_jsonl.read_text().splitlines()]
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    half = len(texts) // 2
+    pq.write_table(pa.table({"text": texts[:half]}), folder / "part-0.parquet", row_group_size=500)
+    pq.write_table(pa.table({"text": texts[half:]}), folder / "part-1.parquet", row_group_size=500)
+    files = prepare(config(str(folder), data_tokenizer, tmp_path / "files"), progress=False)
+    streamed = prepare(config(f"hf:{folder}", data_tokenizer, tmp_path / "streamed"), progress=False)
+    assert streamed["sources"][0]["kind"] == "hf"
+    assert (all_rows(tmp_path / "streamed") == all_rows(tmp_path / "files")).all()  # datasets' streaming path
+    capped = prepare(config(f"hf:{folder}", data_tokenizer, tmp_path / "capped", max_tokens=20 * (SEQ + 1)),
+                     progress=False)
+    assert capped["splits"]["train"]["rows"] == 20
+    assert capped["sources"][0]["documents"] < len(texts) // 20  # the stream was left unread after the cap

@@ -118,8 +118,8 @@ def tokenizer(out: str, data: Any = None, vocab_size: int = 6400, text_field: st
 
 def prepare(out: str, data: Any = None, tokenizer: str | None = None, seq_len: int = 512, pack: bool = True,
             val: float | int | None = None, val_data: Any = None, text_field: str = "text", sample_by: str = "document",
-            on_error: str = "raise", hf_split: str = "train", seed: int = 0, shard_mb: float = 256.0,
-            num_proc: int | None = None, num_workers: int = 1, worker_index: int = 0, merge: bool = False,
+            on_error: str = "raise", hf_split: str = "train", hf_config: str | None = None,
+            max_tokens: int | None = None, seed: int = 0, shard_mb: float = 256.0, num_proc: int | None = None, num_workers: int = 1, worker_index: int = 0, merge: bool = False,
             overwrite: bool = False) -> None:
     """Tokenize, pack and shard a corpus into Arrow files plus manifest.json.
 
@@ -129,9 +129,10 @@ def prepare(out: str, data: Any = None, tokenizer: str | None = None, seq_len: i
 
     Args:
         out: the output folder.
-        data: files, folders, globs or a Hugging Face dataset name (a list for several); JSONL, JSON, Parquet,
-            CSV/TSV or text, optionally .gz/.xz/.zst/.bz2. Default: the bundled Gutenberg demo corpus, with the
-            bundled validation books as --val_data.
+        data: files, folders, globs or a Hugging Face dataset name (ORG/NAME or hf:NAME, streamed; hf:FOLDER
+            streams a local folder of Parquet / JSON files the same way) (a list for several); JSONL, JSON,
+            Parquet, CSV/TSV or text, optionally .gz/.xz/.zst/.bz2. Default: the bundled Gutenberg demo corpus,
+            with the bundled validation books as --val_data.
         tokenizer: a tokenizer folder (from tlm tokenizer).
         seq_len: tokens a training row predicts; rows hold seq_len + 1 tokens.
         pack: pack documents, separated by <|endoftext|>, into full rows; --nopack: one document per row,
@@ -144,6 +145,9 @@ def prepare(out: str, data: Any = None, tokenizer: str | None = None, seq_len: i
         on_error: raise (stop at the first bad record, naming file and line) or skip (count and report it in
             the manifest).
         hf_split: the split of a Hugging Face dataset.
+        hf_config: the configuration (subset) of a Hugging Face dataset (e.g. sample-10BT).
+        max_tokens: stop once the train split holds this many tokens (rounded up to whole rows); with a hub dataset
+            (streamed, never downloaded whole) the rest is never read. Resumable like any other run.
         seed: seed of the validation hold-out.
         shard_mb: size of one shard file.
         num_proc: processes that tokenize (default: the cores available to this process). The output is
@@ -157,7 +161,8 @@ def prepare(out: str, data: Any = None, tokenizer: str | None = None, seq_len: i
 
     emit(prepare_command(out, data, tokenizer, val, val_data, merge, overwrite, progress=sys.stderr.isatty(),
                          seq_len=seq_len, pack=pack, text_field=text_field, sample_by=sample_by, on_error=on_error,
-                         hf_split=hf_split, seed=seed, shard_mb=shard_mb, num_workers=num_workers,
+                         hf_split=hf_split, hf_config=hf_config, max_tokens=max_tokens, seed=seed, shard_mb=shard_mb,
+                         num_workers=num_workers,
                          worker_index=worker_index, num_proc=num_proc))
 
 
