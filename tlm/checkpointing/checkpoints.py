@@ -52,7 +52,7 @@ class DataIdentity(Schema):
 
     fingerprint: StrictStr
     tokenizer_sha256: Sha256 | None = None
-    prepared: StrictStr | None = None
+    prepared: StrictStr | list[StrictStr] | None = None  # a folder, or a mixture's folders
 
 
 class TrainerState(Schema):

@@ -27,7 +27,7 @@ FREE_KEYS = (
     "name", "train.stop_at", "train.stop_grace_s", "train.device", "checkpoint.resume", "checkpoint.allow_change",
     "checkpoint.keep_last",  # how many old checkpoints stay on disk: no figure depends on it
     "logging.run_dir", "logging.progress", "logging.wandb", "logging.wandb_project", "logging.sample_prompt",
-    "data.prefetch", "data.cache_dir", "data.prepared", "data.source", "data.val_source", "data.tokenizer",
+    "data.prefetch", "data.cache_dir", "data.prepared", "data.mix", "data.source", "data.val_source", "data.tokenizer",
     "data.vocab_size", "data.val_fraction", "data.text_field", "data.sample_by", "data.on_error",
     # (these name or make the data; the data itself is compared by content)
     "train.backend", "train.zero_stage",  # checked by the backend rules (a change of backend is refused there)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from data_pipeline.errors import ConfigError
+from data_pipeline.errors import ConfigError, TLMError
 from data_pipeline.schema import coerce
 from tlm.model.config import ModelConfig, check_keys, get_preset
 
@@ -34,6 +34,10 @@ BACKENDS = typing.get_args(Backend)
 class DataSection:
     prepared: str | None = None
     """A folder written by `tlm prepare`. When None, `source` is prepared on first use under `cache_dir`."""
+    mix: list[dict[str, Any]] | None = None
+    """A weighted mixture of prepared folders instead of one: [{path: DIR, weight: W, name: optional}, ...]. One
+    pass holds as many rows as the parts together, each part's share by weight (a small part repeats); every
+    part must share the tokenizer, seq_len and packing. Validation loss is logged per part and overall."""
     source: Any = None
     """Raw text to prepare on first use (any `--data` of `tlm prepare`); None = the bundled demo corpus."""
     val_source: Any = None
@@ -331,6 +335,15 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError("set data.val_fraction (hold out part of data.source) or data.val_source, not both")
     if config.data.prepared is not None and config.data.source is not None:
         raise ConfigError("set data.prepared (a prepared folder) or data.source (raw text), not both")
+    if config.data.mix is not None:
+        if config.data.prepared is not None or config.data.source is not None:
+            raise ConfigError("set data.mix (prepared folders with weights) or data.prepared / data.source, not both")
+        from data_pipeline.mixture import parse_mix
+
+        try:
+            parse_mix(config.data.mix)
+        except TLMError as e:
+            raise ConfigError(str(e)) from None
 
 
 def to_yaml(config: TrainConfig) -> str:

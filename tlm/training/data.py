@@ -127,6 +127,8 @@ class RunData:
     tokenizer_dir: Path | None
     model_config: ModelConfig
     identity: dict[str, Any]
+    val_sets: dict[str, TokenRows] | None = None
+    """A mixture's validation splits, by part name (then `val_rows` is None)."""
 
     @property
     def packed(self) -> bool:
@@ -158,6 +160,8 @@ def load_run_data(config: TrainConfig, is_main: bool, expect: dict[str, Any] | N
     tokenizer, the sequence length, token ids within the vocabulary. Rank 0 verifies every shard's sha256."""
     from data_pipeline.dataset import check_compatible, check_token_range
 
+    if config.data.mix is not None:
+        return load_mixture(config, is_main)
     prepared, tokenizer_dir = resolve_data(config, is_main, expect)
     verify = "sha256" if is_main else "size"
     rows = TokenRows(prepared, "train", verify=verify)
@@ -181,3 +185,41 @@ def load_run_data(config: TrainConfig, is_main: bool, expect: dict[str, Any] | N
     identity = {"fingerprint": manifest["fingerprint"], "tokenizer_sha256": tok_sha, "prepared": str(prepared),
                 "inputs": manifest.get("inputs")}
     return RunData(rows, val_rows, tokenizer_dir, model_config, identity)
+
+
+def load_mixture(config: TrainConfig, is_main: bool) -> RunData:
+    """`data.mix`: the parts' train splits as one weighted set of rows, each part's validation split apart; the
+    same checks as a single prepared folder, for every part."""
+    from data_pipeline.dataset import check_compatible, check_token_range
+    from data_pipeline.mixture import MixedRows, parse_mix
+
+    parts = parse_mix(config.data.mix)
+    verify = "sha256" if is_main else "size"
+    rows = MixedRows(parts, seed=config.train.seed, verify=verify)
+    manifest = rows.manifest
+    if (manifest["mode"] == "pack") != config.data.pack:
+        raise ConfigError(f"data.pack is {config.data.pack} but data.mix was prepared in {manifest['mode']} mode")
+    tokenizer_dir = Path(config.data.tokenizer) if config.data.tokenizer else Path(manifest["tokenizer"]["path"])
+    tokenizer_dir = tokenizer_dir if (tokenizer_dir / "tokenizer.json").is_file() else None
+    model_config = model_config_for(config, tokenizer_dir)
+    tok_sha = None
+    if tokenizer_dir is not None:
+        from data_pipeline.tokenizer import tokenizer_sha256
+
+        tok_sha = tokenizer_sha256(tokenizer_dir)
+    val_sets = {}
+    for part, part_rows in zip(parts, rows.rows):
+        check_compatible(part_rows.manifest, model_config.vocab_size, config.data.seq_len, tok_sha, where=part.path)
+        check_token_range(part_rows, model_config.vocab_size)
+        if part_rows.manifest["splits"]["val"]["rows"]:
+            val_sets[part.name] = TokenRows(part.path, "val", verify=verify)
+            check_token_range(val_sets[part.name], model_config.vocab_size)
+    if is_main:
+        log.info("data mixture, one pass = %d rows: %s", len(rows), ", ".join(
+            f"{d['name']} weight {d['weight']:g}: {d['rows_per_pass']} rows ({d['epochs_per_pass']:.2f} epochs of "
+            f"{d['rows']})" for d in rows.describe()))
+        if not val_sets and (config.eval.every or config.eval.at_start or config.eval.final_full):
+            log.warning("no part of data.mix has validation rows: this run logs no validation loss")
+    identity = {"fingerprint": rows.fingerprint, "tokenizer_sha256": tok_sha,
+                "prepared": [p.path for p in parts], "inputs": {"mix": rows.describe()}}
+    return RunData(rows, None, tokenizer_dir, model_config, identity, val_sets or None)

@@ -93,6 +93,23 @@ def byte_table(tokenizer_dir: str | Path, vocab_size: int) -> np.ndarray:
     return np.pad(lengths, (0, max(0, vocab_size - len(lengths))))
 
 
+def evaluate_parts(parts: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The validation figures of a mixture: overall (the parts' loss sums over their tokens, as one evaluation of
+    all their rows would give) and per part as `val_loss/NAME`, `val_bpb/NAME`, `val_tokens/NAME`."""
+    tokens = sum(r["val_tokens"] for r in parts.values())
+    loss = sum(r["val_loss"] * r["val_tokens"] for r in parts.values()) / tokens
+    result: dict[str, Any] = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": tokens}
+    if all("val_bytes" in r for r in parts.values()):
+        result["val_bytes"] = sum(r["val_bytes"] for r in parts.values())
+        result["val_bpb"] = loss * tokens / (math.log(2) * result["val_bytes"])
+    for name, r in parts.items():
+        result[f"val_loss/{name}"] = r["val_loss"]
+        result[f"val_tokens/{name}"] = r["val_tokens"]
+        if "val_bpb" in r:
+            result[f"val_bpb/{name}"] = r["val_bpb"]
+    return result
+
+
 class ModelRunner:
     """What `train.evaluate` needs of a backend, for a plain model (bf16 autocast on CUDA)."""
 

@@ -34,7 +34,7 @@ from tlm.training import faults
 from tlm.training.backends import check_resume, from_rank0, init_distributed, make_backend, prepare_resume
 from tlm.training.config import TrainConfig
 from tlm.training.data import load_run_data
-from tlm.training.evaluate import evaluate
+from tlm.training.evaluate import evaluate, evaluate_parts
 from tlm.training.metrics import RunLogger, flops_per_token, peak_flops
 from tlm.training.optim import lr_at
 from tlm.training.preemption import INTERRUPTED, StopRequest
@@ -154,9 +154,14 @@ class Trainer:
         saved, identity = self.state.get("data"), self.data.identity
         changes = None
         if saved and saved.get("inputs") and identity.get("inputs"):
-            from data_pipeline.prepare import input_changes
+            if "mix" in saved["inputs"] or "mix" in identity["inputs"]:
+                from data_pipeline.mixture import mix_changes
 
-            changes = input_changes(saved["inputs"], identity["inputs"])
+                changes = mix_changes(saved["inputs"].get("mix", []), identity["inputs"].get("mix", []))
+            else:
+                from data_pipeline.prepare import input_changes
+
+                changes = input_changes(saved["inputs"], identity["inputs"])
         check_data(self.resume, saved, identity["fingerprint"], identity["tokenizer_sha256"], changes)
         tokenizer_ids = model_changes(self.saved_model, self.data.model_config.to_dict(), with_tokenizer_ids=True)
         if tokenizer_ids:
@@ -246,11 +251,17 @@ class Trainer:
         self.logger.record(values)
 
     def run_eval(self, final: bool = False) -> None:
-        if self.data.val_rows is None:
+        if self.data.val_rows is None and not self.data.val_sets:
             return
         max_batches = None if final and self.config.eval.final_full else self.config.eval.max_batches
-        self.last_eval = evaluate(self.backend, self.data.val_rows, self.config.eval.batch_size or self.micro,
-                                  max_batches, self.info, token_bytes=self.data.token_bytes)
+        batch = self.config.eval.batch_size or self.micro
+        if self.data.val_sets:  # a mixture: each part's validation split, then all of them together
+            self.last_eval = evaluate_parts({name: evaluate(self.backend, rows, batch, max_batches, self.info,
+                                                            token_bytes=self.data.token_bytes)
+                                             for name, rows in self.data.val_sets.items()})
+        else:
+            self.last_eval = evaluate(self.backend, self.data.val_rows, batch, max_batches, self.info,
+                                      token_bytes=self.data.token_bytes)
         self.record({"step": self.step, **self.last_eval, "tokens_seen": self.progress.tokens_seen})
         bpb = f", {self.last_eval['val_bpb']:.4f} bits/byte" if "val_bpb" in self.last_eval else ""
         self.logger.say(f"step {self.step}: val loss {self.last_eval['val_loss']:.4f}, perplexity "
