@@ -136,3 +136,19 @@ def test_export_never_overwrites_a_tlm_model_directory(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="holds a tlm model directory"):
         export_hf(tmp_path / "tlm", tmp_path / "tlm")
     assert (tmp_path / "tlm" / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("preset,count", [("tlm-26m", 25_829_888), ("minimind2-104m", 104_030_976),
+                                          ("gpt2-small-shape", 89_869_056), ("llama-1b-shape", 986_253_312),
+                                          ("debug", 508_224)])
+def test_every_preset_counts_as_transformers_llama_counts(preset: str, count: int) -> None:
+    transformers = pytest.importorskip("transformers")
+    from tlm.checkpointing.export import hf_config
+
+    config = get_preset(preset)
+    hf = {k: v for k, v in hf_config(config).items() if k not in ("architectures", "model_type", "torch_dtype", "dtype")}
+    with torch.device("meta"):
+        ours = TransformerLM(config).num_parameters()
+        theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf))
+    unique = {id(p): p.numel() for p in theirs.parameters()}  # tied embeddings counted once
+    assert ours == sum(unique.values()) == count

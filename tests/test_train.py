@@ -41,6 +41,11 @@ def test_recipes_load() -> None:
     assert baseline.train.precision == "bf16" and baseline.schedule.min_lr_ratio == 0.1
     demo = load_config(CONFIGS / "cpu-demo.yaml")
     assert demo.train.backend == "single" and demo.name == "cpu-demo"
+    for recipe, preset, stage in (("minimind2-104m", "minimind2-104m", 1), ("gpt2-small-shape", "gpt2-small-shape", 1),
+                                  ("llama-1b-shape", "llama-1b-shape", 3)):
+        config = load_config(CONFIGS / f"{recipe}.yaml")  # each larger preset has a recipe that loads and checks
+        assert config.model_config() == get_preset(preset) and config.train.zero_stage == stage
+        assert config.global_batch_size(8) == 256 and config.data.seq_len <= config.model_config().max_position_embeddings
 
 
 @pytest.mark.parametrize(

@@ -17,12 +17,16 @@ def emit(result: dict[str, Any]) -> None:
 
 
 def presets() -> None:
-    """List the model presets with their parameter counts (JSON on the last line)."""
+    """List the model presets with their parameter counts and training FLOPs per token (JSON on the last line)."""
     from tlm.model.config import preset_table
 
     table = preset_table()
+    print(f"{'preset':18s} {'parameters':>14s} {'layers':>6s} {'hidden':>6s} {'heads q/kv':>10s} "
+          f"{'GFLOPs/token (train, seq 512)':>30s}", file=sys.stderr)
     for name, row in table.items():
-        print(f"{name:10s} {row['num_parameters']:>12,d} parameters", file=sys.stderr)
+        print(f"{name:18s} {row['num_parameters']:>14,d} {row['num_hidden_layers']:>6d} {row['hidden_size']:>6d} "
+              f"{row['num_attention_heads']:>5d}/{row['num_key_value_heads']:<4d} "
+              f"{row['train_flops_per_token_at_512'] / 1e9:>30.3f}", file=sys.stderr)
     emit(table)
 
 

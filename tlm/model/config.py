@@ -269,6 +269,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The 26M baseline: vocab 6400, 8 layers, d_model 512, 8 query / 2 KV heads, SwiGLU 1408,
     # RMSNorm 1e-5, RoPE theta 1e6, tied embeddings, no biases: 25,829,888 parameters.
     "tlm-26m": {},
+    # MiniMind2's 104M shape: d_model 768, 16 layers, 8 query / 2 KV heads, SwiGLU 2048 (8/3 x 768 rounded up to
+    # 64, the rule that gives the baseline's 1408): 104,030,976 parameters.
+    "minimind2-104m": {"hidden_size": 768, "num_hidden_layers": 16, "intermediate_size": 2048},
+    # GPT-2 small's shape (d_model 768, 12 layers, 12 heads, all of them KV heads, a 4 x 768 MLP's parameters as
+    # SwiGLU 2048) with this vocabulary: 89,869,056 parameters (GPT-2's 124M holds a 50,257-token embedding).
+    "gpt2-small-shape": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                         "num_key_value_heads": 12, "intermediate_size": 2048},
+    # Llama-3.2-1B's shape (d_model 2048, 16 layers, 32 query / 8 KV heads, SwiGLU 8192, RoPE theta 5e5, tied)
+    # with this vocabulary: 986,253,312 parameters.
+    "llama-1b-shape": {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32,
+                       "num_key_value_heads": 8, "intermediate_size": 8192, "rope_theta": 500000.0,
+                       "max_position_embeddings": 8192},
     # Tiny, for tests and smoke runs: a training step takes milliseconds on one CPU core.
     "debug": {
         "hidden_size": 64,
@@ -294,10 +306,14 @@ def preset_table() -> dict[str, dict[str, Any]]:
 
     from tlm.model.transformer import TransformerLM
 
+    from tlm.training.metrics import flops_per_token
+
     table = {}
     for name in PRESETS:
         config = get_preset(name)
         with torch.device("meta"):
             parameters = TransformerLM(config).num_parameters()
-        table[name] = {"num_parameters": parameters, **config.to_dict()}
+        table[name] = {"num_parameters": parameters,
+                       "train_flops_per_token_at_512": flops_per_token(config, min(512, config.max_position_embeddings)),
+                       **config.to_dict()}
     return table
