@@ -293,3 +293,39 @@ def test_a_stop_file_stops_every_rank(tmp_path: Path, prepared: Path, monkeypatc
     summary = train(config_for(prepared, tmp_path / "run", **{"train.max_steps": 8}))
     assert summary["steps"] == 1 and summary["stopped"] == f"stop file {stop_file}"
     assert (tmp_path / "run" / "checkpoints" / "step-00000001" / "COMPLETE").exists()
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_activation_checkpointing_keeps_the_losses(tmp_path: Path, prepared: Path, compile: bool) -> None:
+    losses = {}
+    for mode in ("none", "selective", "full") if not compile else ("none", "full"):
+        train(config_for(prepared, tmp_path / mode, **{"train.activation_checkpointing": mode, "train.max_steps": 4,
+                                                        "train.precision": "fp32", "train.compile": compile,
+                                                        "model.num_hidden_layers": 3, "eval.every": 0}))
+        records = [json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+        losses[mode] = [r["loss"] for r in records if "loss" in r]
+    assert len(losses["none"]) == 4
+    for mode in set(losses) - {"none"}:
+        assert losses[mode] == pytest.approx(losses["none"], abs=1e-6, rel=0)
+
+
+def test_recomputed_layers_follow_the_switch() -> None:
+    model = TransformerLM(get_preset("debug", num_hidden_layers=4))
+    calls = []
+    import tlm.model.transformer as transformer
+
+    original = transformer.checkpoint
+    transformer.checkpoint = lambda fn, *args, **kwargs: calls.append(list(model.layers).index(fn)) or original(fn, *args, **kwargs)
+    try:
+        ids = torch.randint(0, 6400, (2, 8))
+        for mode, expected in (("none", []), ("selective", [1, 3]), ("full", [0, 1, 2, 3])):
+            calls.clear()
+            model.activation_checkpointing = mode
+            model(ids).sum().backward()
+            assert calls == expected
+        model.eval()
+        calls.clear()
+        model(ids)
+        assert calls == []  # nothing to recompute without a backward
+    finally:
+        transformer.checkpoint = original

@@ -30,6 +30,7 @@ FREE_KEYS = (
     "data.prefetch", "data.cache_dir", "data.prepared", "data.mix", "data.source", "data.val_source", "data.tokenizer",
     "data.vocab_size", "data.val_fraction", "data.text_field", "data.sample_by", "data.on_error",
     # (these name or make the data; the data itself is compared by content)
+    "train.activation_checkpointing",  # recomputation: the same numbers, less memory
     "train.backend", "train.zero_stage",  # checked by the backend rules (a change of backend is refused there)
 )
 TOKENIZER_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")

@@ -30,6 +30,60 @@ def presets() -> None:
     emit(table)
 
 
+def plan(preset: str | None = None, config: str | None = None, gpus: int = 1, gpu_mem: Any = "80GiB",
+         seq_len: int | None = None, micro_batch: int | None = None, loss_chunk: int | None = None,
+         margin: float = 0.1) -> None:
+    """Per-GPU memory of every backend / ZeRO stage / activation-checkpointing setting, whether it fits, and the
+    cheapest one that does (JSON on the last line).
+
+    Model states follow DeepSpeed's own estimators' accounting (equal to them at ZeRO-2 and ZeRO-3); activations
+    are counted tensor by tensor for a bf16 Llama block; the formulas are in tlm/training/plan.py.
+
+    Args:
+        preset: a model preset (tlm presets lists them); or give --config.
+        config: a training recipe: its model, seq_len, micro-batch and loss_chunk (flags override them).
+        gpus: GPUs in all (ZeRO and FSDP2 shard over them).
+        gpu_mem: memory of one GPU: 80GiB, 141GB, ...
+        seq_len: tokens per sequence (default: the recipe's, else 512).
+        micro_batch: sequences per GPU per forward (default: the recipe's, else 8).
+        loss_chunk: tokens per chunk of the chunked loss (0: all logits at once).
+        margin: added to every total for fragmentation and communication buffers (0.1 = 10%).
+    """
+    from tlm.inference import check_int
+    from tlm.model.config import get_preset
+    from tlm.training.plan import parse_bytes, plan as make_plan, plan_table, recommend, row_line
+
+    check_int("--gpus", gpus, low=1)
+    capacity = parse_bytes(gpu_mem)
+    if config is not None:
+        from tlm.training.config import load_config
+
+        recipe = load_config(config, {"model.preset": preset} if preset else None)
+        model = recipe.model_config()
+        seq_len = seq_len or recipe.data.seq_len
+        micro_batch = micro_batch or recipe.batch.micro_batch_size
+        loss_chunk = recipe.train.loss_chunk if loss_chunk is None else loss_chunk
+    else:
+        model = get_preset(preset or "tlm-26m")
+    seq_len, micro_batch, loss_chunk = seq_len or 512, micro_batch or 8, loss_chunk or 0
+    for name, value in (("--seq-len", seq_len), ("--micro-batch", micro_batch)):
+        check_int(name, value, low=1)
+    rows = make_plan(model, gpus, capacity, micro_batch, seq_len, loss_chunk, margin)
+    best = recommend(rows)
+    print(f"{gpus} GPU(s) of {capacity / 2**30:.1f} GiB, micro-batch {micro_batch} x {seq_len} tokens, loss chunk "
+          f"{loss_chunk or 'off'}; GiB per GPU:", file=sys.stderr)
+    print(f"{'setting':44s} {'params':>7s} {'grads':>7s} {'optim':>7s} {'activ.':>7s} {'total':>7s}  fits",
+          file=sys.stderr)
+    g = 2**30
+    for row in rows:
+        print(f"{row.name:44s} {row.parameters / g:7.2f} {row.gradients / g:7.2f} {row.optimizer_states / g:7.2f} "
+              f"{row.activations / g:7.2f} {row.total / g:7.2f}  {'yes' if row.fits else 'no'}", file=sys.stderr)
+    print(f"recommended: {row_line(best)}" if best else "nothing fits: more GPUs, a smaller micro-batch or "
+          "--loss-chunk", file=sys.stderr)
+    emit({"gpus": gpus, "gpu_bytes": capacity, "seq_len": seq_len, "micro_batch": micro_batch, "loss_chunk": loss_chunk,
+          "rows": plan_table(rows), "recommended": best.name if best else None})
+
+
 def init(out: str, preset: str = "tlm-26m", tokenizer: str | None = None, seed: int = 0, overwrite: bool = False,
          **overrides: Any) -> None:
     """Write a freshly initialised model directory and print its parameter count.
@@ -307,5 +361,5 @@ def export(checkpoint: str, out: str, dtype: str = "float32") -> None:
     emit({"out": str(path), "files": files, "architecture": "LlamaForCausalLM"})
 
 
-COMMANDS = {"train": train, "prepare": prepare, "tokenizer": tokenizer, "eval": eval, "generate": generate,
+COMMANDS = {"plan": plan, "train": train, "prepare": prepare, "tokenizer": tokenizer, "eval": eval, "generate": generate,
             "init": init, "export": export, "presets": presets, "ablate": ablate, "bench": bench}

@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from tlm.model.config import ModelConfig
 from tlm.model.loss import cross_entropy_sum
@@ -204,6 +205,13 @@ class TransformerLM(nn.Module):
             elif isinstance(module, (RMSNorm, nn.LayerNorm)):
                 nn.init.ones_(module.weight)
 
+    # Activation checkpointing: "none", "selective" (every second layer) or "full" (every layer), set by the trainer.
+    activation_checkpointing = "none"
+
+    def _recomputes(self, index: int) -> bool:
+        mode = self.activation_checkpointing
+        return mode == "full" or (mode == "selective" and index % 2 == 1)
+
     def num_parameters(self) -> int:
         """Trainable parameters, counting tied embeddings once."""
         return sum(p.numel() for p in self.parameters())
@@ -243,8 +251,12 @@ class TransformerLM(nn.Module):
         position_embeddings = None
         if self.rotary_emb is not None:
             position_embeddings = self.rotary_emb(position_ids, hidden_states.dtype)
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, position_embeddings, attention_mask, is_causal, kv_cache)
+        for i, layer in enumerate(self.layers):
+            if self.training and kv_cache is None and self._recomputes(i):
+                hidden_states = checkpoint(layer, hidden_states, position_embeddings, attention_mask, is_causal, None,
+                                           use_reentrant=False)
+            else:
+                hidden_states = layer(hidden_states, position_embeddings, attention_mask, is_causal, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(seq)
         hidden_states = self.norm(hidden_states)

@@ -350,6 +350,7 @@ class FSDP2Backend(Backend):
 def make_backend(model: TransformerLM, config: TrainConfig, info: DistInfo, accumulation: int,
                  load_universal: bool = False) -> Backend:
     kind = config.train.backend
+    model.activation_checkpointing = config.train.activation_checkpointing  # before any wrapping or compiling
     if kind in ("single", "ddp"):
         return PlainBackend(model, config, info, accumulation)
     if kind == "deepspeed":

@@ -117,6 +117,10 @@ class TrainSection:
     loss_chunk: int = 0
     """Compute the output projection + cross-entropy this many tokens at a time under checkpointing, so that
     the logits of the whole batch are never held (0 = all at once)."""
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    """Recompute activations in backward instead of keeping them: full = every decoder layer keeps only its input;
+    selective = every second layer (half the memory saving for half the recomputation). Same losses; `tlm plan`
+    shows what each saves."""
     nan_policy: NanPolicy = "skip"
     """Non-finite gradients (NaN/Inf): skip (no update, counted and reported), stop (a diagnostic dump, no
     checkpoint of the bad state: the last good one is kept), or off (no check: saves one host sync a step)."""

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 import tlm
-from data_pipeline.errors import CheckpointError, RankAgreedError, TLMError, TrainingError
+from data_pipeline.errors import CheckpointError, ConfigError, RankAgreedError, TLMError, TrainingError
 from data_pipeline.fileio import atomic_write_json
 from data_pipeline.locks import FolderLock
 from data_pipeline.stream import TokenStream
@@ -101,6 +101,7 @@ class Trainer:
             self.data = load_run_data(config, info.is_main, self.state.get("data") if self.state else None)
             self._check_resumed_data()
             self.model_config = self.data.model_config
+            self._check_memory()
             self.total_steps = config.train.max_steps or max(
                 1, math.ceil(config.train.epochs * len(self.data.rows) / self.global_batch))
             self._build()
@@ -108,6 +109,25 @@ class Trainer:
         except BaseException:
             self.release()
             raise
+
+    def _check_memory(self) -> None:
+        """Say what the memory plan expects per device; refuse, before building anything, a setting whose model
+        states and activations (without the plan's margin) exceed the GPU this rank sees."""
+        from tlm.training.plan import plan_row, row_line
+
+        config, info = self.config, self.info
+        row = plan_row(self.model_config, config.train.backend, config.train.zero_stage, info.world_size, self.micro,
+                       self.seq_len, config.train.loss_chunk, config.train.activation_checkpointing)
+        if info.is_main:
+            log.info("memory plan: %s", row_line(row))
+        if info.device.type != "cuda":
+            return
+        capacity = torch.cuda.get_device_properties(info.device).total_memory
+        needed = row.parameters + row.gradients + row.optimizer_states + row.activations
+        if needed > capacity:
+            raise ConfigError(f"memory plan: {row_line(row)}, more than the {capacity / 2**30:.1f} GiB of "
+                              f"{torch.cuda.get_device_name(info.device)}; `tlm plan --config RECIPE --gpus "
+                              f"{info.world_size}` lists the settings that fit (ZeRO stage, micro-batch, loss_chunk)")
 
     def release(self) -> None:
         """Give the run folder up (the process's end does it too, whatever the end)."""

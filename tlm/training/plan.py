@@ -1,0 +1,171 @@
+"""`tlm plan`: will a model train on N GPUs of a given memory, and under which backend, ZeRO stage and activation
+checkpointing? Per GPU: the bytes of parameters, gradients, optimizer states and activations of each setting,
+whether it fits, and the cheapest setting that does.
+
+Model states follow the mixed-precision accounting of DeepSpeed's own estimators (Rajbhandari et al., ZeRO),
+so that ZeRO-2 and ZeRO-3 agree with `estimate_zero2_model_states_mem_needs` / `estimate_zero3_...` exactly:
+
+| setting | parameters | gradients | optimizer states |
+|---|---|---|---|
+| single / DDP (fp32 weights, bf16 autocast) | 4P | 4P | 8P (Adam m, v) |
+| DeepSpeed ZeRO-0 / 1 | 2P (bf16) | 2P (bf16) + 4P/N fp32 at ZeRO-1 (4P at 0) | 12P/N (fp32 master + m + v; N=1 at 0) |
+| DeepSpeed ZeRO-2 | 2P | 6P/N | 12P/N |
+| DeepSpeed ZeRO-3 | 2P/N + 4L (the largest layer gathered) | 4P/N | 12P/N |
+| FSDP2 (fp32 shards, bf16 compute) | 4P/N + 4B (a block gathered, the next prefetched) | 4P/N | 8P/N |
+
+(P parameters, N GPUs, L the largest layer's parameters, B a decoder block's.) Activations are what autograd
+keeps for the backward of one micro-batch, counted tensor by tensor for a pre-norm Llama block under bf16
+autocast with SDPA (no seq x seq matrix is kept): per token and layer 20h + 8kv + 8i bytes (h the hidden
+size, kv the key/value width, i the MLP width), plus the logits (10 bytes per token and vocabulary entry: bf16
+logits, their fp32 copy and its gradient; a chunk of them with the chunked loss). Full checkpointing keeps each
+layer's fp32 input (4h) and recomputes one layer at a time; selective checkpointing checkpoints every second
+layer (half the saving of full for half its recomputation). A margin (default 10%) covers the allocator's
+fragmentation and the communication buffers the formulas leave out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tlm.model.config import ModelConfig
+
+CHECKPOINTING = ("none", "selective", "full")
+# cheapest first: no sharding before sharding, no recomputation before recomputation
+SETTINGS = [("single", None), ("deepspeed", 0), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3), ("fsdp2", None)]
+
+
+@dataclass
+class PlanRow:
+    """One setting's per-GPU bytes."""
+
+    backend: str
+    zero_stage: int | None
+    activation_checkpointing: str
+    parameters: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    total: int
+    fits: bool
+
+    @property
+    def name(self) -> str:
+        stage = f" ZeRO-{self.zero_stage}" if self.zero_stage is not None else ""
+        return f"{self.backend}{stage}, checkpointing {self.activation_checkpointing}"
+
+
+def parameter_counts(config: ModelConfig) -> tuple[int, int, int]:
+    """(all parameters, the largest single layer's, one decoder block's), computed from the shapes."""
+    h, kv, i, v = config.hidden_size, config.num_key_value_heads * config.head_dim, config.intermediate_size, config.vocab_size
+    q = config.num_attention_heads * config.head_dim
+    attention = h * q + 2 * h * kv + q * h
+    mlp = (3 if config.mlp == "swiglu" else 2) * h * i
+    norms = 2 * h if config.norm != "none" else 0
+    block = attention + mlp + norms
+    embedding = v * h
+    total = config.num_hidden_layers * block + embedding * (1 if config.tie_word_embeddings else 2) + \
+        (h if config.norm != "none" else 0)
+    largest = max(embedding, h * i, h * q)
+    return total, largest, block
+
+
+def model_state_bytes(config: ModelConfig, backend: str, zero_stage: int | None, gpus: int) -> tuple[int, int, int]:
+    """(parameters, gradients, optimizer states) in bytes per GPU (the table in the module docstring)."""
+    p, largest, block = parameter_counts(config)
+    n = gpus
+    if backend in ("single", "ddp"):
+        return 4 * p, 4 * p, 8 * p
+    if backend == "fsdp2":
+        return 4 * p // n + 4 * block, 4 * p // n, 8 * p // n
+    if zero_stage == 0:
+        return 2 * p, 6 * p, 12 * p
+    if zero_stage == 1:
+        return 2 * p, 2 * p + 4 * p // n, 12 * p // n
+    if zero_stage == 2:
+        return 2 * p, 6 * p // n, 12 * p // n
+    return 2 * p // n + 4 * largest, 4 * p // n, 12 * p // n
+
+
+def activation_bytes(config: ModelConfig, micro_batch: int, seq_len: int, checkpointing: str = "none",
+                     loss_chunk: int = 0) -> int:
+    """What autograd keeps for one micro-batch's backward (the module docstring's formula)."""
+    tokens = micro_batch * seq_len
+    h, kv, i, v = config.hidden_size, config.num_key_value_heads * config.head_dim, config.intermediate_size, config.vocab_size
+    layer = tokens * (20 * h + 8 * kv + 8 * i)
+    kept = tokens * 4 * h  # a checkpointed layer keeps its fp32 input
+    layers = config.num_hidden_layers
+    if checkpointing == "full":
+        blocks = layers * kept + layer  # plus one layer recomputed at a time
+    elif checkpointing == "selective":
+        checkpointed = layers // 2
+        blocks = (layers - checkpointed) * layer + checkpointed * kept + (layer if checkpointed else 0)
+    else:
+        blocks = layers * layer
+    logits = (min(loss_chunk, tokens) if loss_chunk > 0 else tokens) * v * 10
+    return blocks + logits + tokens * 4 * h  # the embedding output
+
+
+def plan(config: ModelConfig, gpus: int, gpu_bytes: int, micro_batch: int, seq_len: int, loss_chunk: int = 0,
+         margin: float = 0.1) -> list[PlanRow]:
+    """Every setting, cheapest first, with its per-GPU bytes and whether it fits in `gpu_bytes`."""
+    rows = []
+    for checkpointing in CHECKPOINTING:
+        for backend, stage in SETTINGS:
+            if backend == "single" and gpus > 1:
+                backend = "ddp"
+            params, grads, optim = model_state_bytes(config, backend, stage, gpus)
+            acts = activation_bytes(config, micro_batch, seq_len, checkpointing, loss_chunk)
+            total = int((params + grads + optim + acts) * (1 + margin))
+            rows.append(PlanRow(backend, stage, checkpointing, params, grads, optim, acts, total, total <= gpu_bytes))
+    return rows
+
+
+def recommend(rows: list[PlanRow]) -> PlanRow | None:
+    """The cheapest setting that fits: the least recomputation, then the least sharding."""
+    return next((row for row in rows if row.fits), None)
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """'80GiB', '141GB', '512MiB' or a number of bytes."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return int(text)
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "B": 1}
+    value = str(text).strip().upper().replace(" ", "")
+    for unit, factor in units.items():
+        if value.endswith(unit):
+            number = value[: -len(unit)]
+            try:
+                result = float(number) * factor
+            except ValueError:
+                break
+            if math.isfinite(result) and result > 0:
+                return int(result)
+            break
+    from data_pipeline.errors import ConfigError
+
+    raise ConfigError(f"--gpu-mem {text!r}: give a size such as 80GiB, 141GB or 512MiB")
+
+
+def row_line(row: PlanRow) -> str:
+    g = 2**30
+    return (f"{row.name}: {row.total / g:.2f} GiB per GPU (parameters {row.parameters / g:.2f}, gradients "
+            f"{row.gradients / g:.2f}, optimizer states {row.optimizer_states / g:.2f}, activations "
+            f"{row.activations / g:.2f}, +margin)")
+
+
+def plan_table(rows: list[PlanRow]) -> list[dict[str, Any]]:
+    return [{**asdict(row), "setting": row.name} for row in rows]
+
+
+def plan_row(config: ModelConfig, backend: str, zero_stage: int | None, gpus: int, micro_batch: int, seq_len: int,
+             loss_chunk: int = 0, checkpointing: str = "none", margin: float = 0.1) -> PlanRow:
+    """The plan of one setting (what `tlm train` prints at start-up); `fits` is left True (no device given)."""
+    backend = "ddp" if backend == "single" and gpus > 1 else backend
+    stage = zero_stage if backend == "deepspeed" else None
+    params, grads, optim = model_state_bytes(config, backend, stage, gpus)
+    acts = activation_bytes(config, micro_batch, seq_len, checkpointing, loss_chunk)
+    return PlanRow(backend, stage, checkpointing, params, grads, optim, acts,
+                   int((params + grads + optim + acts) * (1 + margin)), True)
