@@ -52,11 +52,35 @@ class GlobalOrder:
         return out
 
 
-def make_batch(rows: TokenRows, indices: np.ndarray, pin_memory: bool = False) -> dict[str, torch.Tensor]:
-    """input_ids / labels (shifted by one) and, in no-pack mode, loss_mask (True where a label is real)."""
+DOCUMENT_MASKING = ("none", "mask", "mask_positions")
+
+
+def document_masks(input_ids: torch.Tensor, eot: int, restart_positions: bool) -> dict[str, torch.Tensor]:
+    """For packed rows: an attention mask (batch, 1, seq, seq), True where query i may attend key j: j <= i within
+    i's document (a document ends with its end-of-text token); with `restart_positions`, position ids that start
+    at 0 in every document, as if each were run alone."""
+    ends = input_ids == eot
+    document = torch.cumsum(ends.long(), dim=1) - ends.long()  # the separator belongs to the document it ends
+    seq = input_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    out = {"attention_mask": (causal[None] & (document[:, :, None] == document[:, None, :]))[:, None]}
+    if restart_positions:
+        index = torch.arange(seq).expand_as(input_ids)
+        start = torch.where(torch.cat([torch.ones_like(ends[:, :1]), ends[:, :-1]], dim=1), index, 0)
+        out["position_ids"] = index - torch.cummax(start, dim=1).values
+    return out
+
+
+def make_batch(rows: TokenRows, indices: np.ndarray, pin_memory: bool = False,
+               documents: str = "none") -> dict[str, torch.Tensor]:
+    """input_ids / labels (shifted by one) and, in no-pack mode, loss_mask (True where a label is real); with
+    `documents` = mask / mask_positions, packed rows also get the per-document attention mask (and positions)."""
     tokens, lengths = rows.gather(indices)
     data = torch.from_numpy(tokens)
     batch = {"input_ids": data[:, :-1], "labels": data[:, 1:]}
+    if documents != "none":
+        batch.update(document_masks(batch["input_ids"], rows.manifest["tokenizer"]["eot_token_id"],
+                                    documents == "mask_positions"))
     if lengths is not None:
         positions = torch.arange(1, rows.row_length)
         batch["loss_mask"] = positions[None, :] < torch.from_numpy(lengths)[:, None]
@@ -82,6 +106,7 @@ class TokenStream:
         shuffle: bool = True,
         prefetch: int = 4,
         pin_memory: bool = False,
+        documents: str = "none",
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in a world of {world_size}")
@@ -94,6 +119,7 @@ class TokenStream:
         self.order = GlobalOrder(len(rows), seed, shuffle)
         self.prefetch = prefetch
         self.pin_memory = pin_memory
+        self.documents = documents
         self.consumed_samples = 0
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
@@ -114,7 +140,7 @@ class TokenStream:
         return self.order.rows(start, self.micro_batch_size)
 
     def batch_at(self, consumed: int) -> dict[str, torch.Tensor]:
-        return make_batch(self.rows, self.indices_at(consumed), self.pin_memory)
+        return make_batch(self.rows, self.indices_at(consumed), self.pin_memory, self.documents)
 
     # --- iteration with prefetch -------------------------------------------------------------------
 

@@ -84,7 +84,8 @@ class Backend:
         ZeRO-3 / FSDP2 gather the output projection) with the configured loss chunking."""
         with self.autocast():
             return self.model(batch["input_ids"], labels=batch["labels"], loss_mask=batch.get("loss_mask"),
-                              loss_chunk=self.config.train.loss_chunk)
+                              loss_chunk=self.config.train.loss_chunk, attention_mask=batch.get("attention_mask"),
+                              position_ids=batch.get("position_ids"))
 
     def micro_step(self, batch: dict[str, torch.Tensor], loss_scale: float, last: bool) -> torch.Tensor:
         """Forward, loss x loss_scale, backward; returns the detached unscaled loss sum."""
@@ -240,7 +241,8 @@ class DeepSpeedBackend(Backend):
 
     def loss_sum(self, batch):
         return self.engine(batch["input_ids"], labels=batch["labels"], loss_mask=batch.get("loss_mask"),
-                           loss_chunk=self.config.train.loss_chunk)
+                           loss_chunk=self.config.train.loss_chunk, attention_mask=batch.get("attention_mask"),
+                           position_ids=batch.get("position_ids"))
 
     def micro_step(self, batch, loss_scale, last):
         batch = self._to_device(batch)

@@ -121,6 +121,9 @@ class TrainSection:
     """Recompute activations in backward instead of keeping them: full = every decoder layer keeps only its input;
     selective = every second layer (half the memory saving for half the recomputation). Same losses; `tlm plan`
     shows what each saves."""
+    document_masking: Literal["none", "mask", "mask_positions"] = "none"
+    """Packed rows: mask = a token attends only within its own document (a block-diagonal causal mask through
+    SDPA); mask_positions = also restart positions at 0 in every document, as if each ran alone."""
     nan_policy: NanPolicy = "skip"
     """Non-finite gradients (NaN/Inf): skip (no update, counted and reported), stop (a diagnostic dump, no
     checkpoint of the bad state: the last good one is kept), or off (no check: saves one host sync a step)."""
@@ -339,6 +342,9 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError("set data.val_fraction (hold out part of data.source) or data.val_source, not both")
     if config.data.prepared is not None and config.data.source is not None:
         raise ConfigError("set data.prepared (a prepared folder) or data.source (raw text), not both")
+    if t.document_masking != "none" and not config.data.pack:
+        raise ConfigError(f"train.document_masking={t.document_masking} is for packed rows; with data.pack false each row "
+                          "is one document already")
     if config.data.mix is not None:
         if config.data.prepared is not None or config.data.source is not None:
             raise ConfigError("set data.mix (prepared folders with weights) or data.prepared / data.source, not both")

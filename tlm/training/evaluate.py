@@ -24,7 +24,7 @@ from tlm.model.transformer import TransformerLM
 
 @torch.no_grad()
 def evaluate(backend: Any, rows: TokenRows, batch_size: int, max_batches: int | None, info: DistInfo,
-             progress: bool = False, token_bytes: np.ndarray | None = None) -> dict[str, float]:
+             progress: bool = False, token_bytes: np.ndarray | None = None, documents: str = "none") -> dict[str, float]:
     """Validation loss, perplexity and (given each token id's UTF-8 byte count, `token_bytes`) bits per byte over
     (up to max_batches x batch_size x world) rows of a split.
 
@@ -52,7 +52,7 @@ def evaluate(backend: Any, rows: TokenRows, batch_size: int, max_batches: int | 
             bar.update(1)
         indices = mine[i * batch_size : (i + 1) * batch_size]
         weight = 1.0 if len(indices) else 0.0
-        batch = make_batch(rows, indices if len(indices) else np.zeros(1, dtype=np.int64))
+        batch = make_batch(rows, indices if len(indices) else np.zeros(1, dtype=np.int64), documents=documents)
         if token_bytes is not None:
             counted = token_bytes[batch["labels"].numpy()]
             if "loss_mask" in batch:
@@ -119,7 +119,8 @@ class ModelRunner:
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         with ctx:
-            return self.model(batch["input_ids"], labels=batch["labels"], loss_mask=batch.get("loss_mask"))
+            return self.model(batch["input_ids"], labels=batch["labels"], loss_mask=batch.get("loss_mask"),
+                              attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"))
 
     def train_mode(self, training: bool) -> None:
         self.model.train(training)

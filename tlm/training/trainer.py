@@ -196,7 +196,8 @@ class Trainer:
         self.model = TransformerLM(self.model_config)
         self.backend = make_backend(self.model, config, info, self.accumulation, universal)
         self.stream = TokenStream(self.data.rows, self.micro, info.rank, info.world_size, seed=config.train.seed,
-                                  prefetch=config.data.prefetch, pin_memory=info.device.type == "cuda")
+                                  prefetch=config.data.prefetch, pin_memory=info.device.type == "cuda",
+                                  documents=config.train.document_masking)
         self.progress = Progress()
         self.checkpointer = Checkpointer(self.run_dir, info.rank, info.world_size, self.backend,
                                          {"": self.progress, "stream": self.stream}, self._describe, self._write_model,
@@ -275,13 +276,14 @@ class Trainer:
             return
         max_batches = None if final and self.config.eval.final_full else self.config.eval.max_batches
         batch = self.config.eval.batch_size or self.micro
+        documents = self.config.train.document_masking  # evaluated as trained
         if self.data.val_sets:  # a mixture: each part's validation split, then all of them together
             self.last_eval = evaluate_parts({name: evaluate(self.backend, rows, batch, max_batches, self.info,
-                                                            token_bytes=self.data.token_bytes)
+                                                            token_bytes=self.data.token_bytes, documents=documents)
                                              for name, rows in self.data.val_sets.items()})
         else:
             self.last_eval = evaluate(self.backend, self.data.val_rows, batch, max_batches, self.info,
-                                      token_bytes=self.data.token_bytes)
+                                      token_bytes=self.data.token_bytes, documents=documents)
         self.record({"step": self.step, **self.last_eval, "tokens_seen": self.progress.tokens_seen})
         bpb = f", {self.last_eval['val_bpb']:.4f} bits/byte" if "val_bpb" in self.last_eval else ""
         self.logger.say(f"step {self.step}: val loss {self.last_eval['val_loss']:.4f}, perplexity "
