@@ -65,6 +65,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory, data_tokenizer: Path, shakesp
             {"name": f"{name}-resumed", "overrides": base(prepared, work / "2p" / f"{name}-resume", **backend)},
             {"name": f"{name}-half-for-1", "overrides": base(prepared, work / "2p" / f"{name}-to1", **backend,
                                                              **{"train.stop_at": 3})},
+            {"name": f"{name}-checkpointed", "overrides": base(prepared, work / "2p" / f"{name}-ac", **backend,
+                                                               **{"train.activation_checkpointing": "full",
+                                                                  "train.loss_chunk": 96})},
         ]
     results = launch(two, work, 2)
     one = []
@@ -105,3 +108,11 @@ def test_a_two_process_checkpoint_continues_on_one(runs: dict, backend: str) -> 
     assert resumed["world_size"] == 1 and resumed["steps"] == 6
     for a, b in zip(resumed["losses"], straight[3:]):
         assert abs(a - b) < 5e-6, (resumed["losses"], straight)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_activation_checkpointing_with_the_chunked_loss_keeps_the_losses(runs: dict, backend: str) -> None:
+    straight = runs["two"][f"{backend}-fp32"]["losses"]
+    checkpointed = runs["two"][f"{backend}-checkpointed"]["losses"]
+    assert len(checkpointed) == len(straight) == 6
+    assert checkpointed == pytest.approx(straight, abs=1e-6, rel=0)

@@ -209,8 +209,10 @@ class TransformerLM(nn.Module):
     activation_checkpointing = "none"
 
     def _recomputes(self, index: int) -> bool:
+        # Selective takes the even layers: the last layer of an even depth keeps its activations, so the first
+        # recomputation in backward happens after that layer's memory is freed and never raises the peak.
         mode = self.activation_checkpointing
-        return mode == "full" or (mode == "selective" and index % 2 == 1)
+        return mode == "full" or (mode == "selective" and index % 2 == 0)
 
     def num_parameters(self) -> int:
         """Trainable parameters, counting tied embeddings once."""

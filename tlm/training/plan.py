@@ -18,8 +18,8 @@ keeps for the backward of one micro-batch, counted tensor by tensor for a pre-no
 autocast with SDPA (no seq x seq matrix is kept): per token and layer 20h + 8kv + 8i bytes (h the hidden
 size, kv the key/value width, i the MLP width), plus the logits (10 bytes per token and vocabulary entry: bf16
 logits, their fp32 copy and its gradient; a chunk of them with the chunked loss). Full checkpointing keeps each
-layer's fp32 input (4h) and recomputes one layer at a time; selective checkpointing checkpoints every second
-layer (half the saving of full for half its recomputation). A margin (default 10%) covers the allocator's
+layer's fp32 input (4h) and recomputes one layer at a time; selective checkpointing checkpoints the even layers
+(about half the saving of full for half its recomputation). A margin (default 10%) covers the allocator's
 fragmentation and the communication buffers the formulas leave out.
 """
 
@@ -98,9 +98,9 @@ def activation_bytes(config: ModelConfig, micro_batch: int, seq_len: int, checkp
     layers = config.num_hidden_layers
     if checkpointing == "full":
         blocks = layers * kept + layer  # plus one layer recomputed at a time
-    elif checkpointing == "selective":
-        checkpointed = layers // 2
-        blocks = (layers - checkpointed) * layer + checkpointed * kept + (layer if checkpointed else 0)
+    elif checkpointing == "selective":  # the even layers (0, 2, ...): recomputing one never raises the peak
+        checkpointed = (layers + 1) // 2
+        blocks = (layers - checkpointed) * layer + checkpointed * kept + (layer if layers % 2 else 0)
     else:
         blocks = layers * layer
     logits = (min(loss_chunk, tokens) if loss_chunk > 0 else tokens) * v * 10
