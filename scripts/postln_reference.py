@@ -175,7 +175,9 @@ def report(out: Path = OUT) -> Path:
         final = records[-1]["val_loss"]
         gap = f"{unigram - final:.3f}" if unigram is not None else "-"
         lines.append(f"| {model} | {lr:g} | {warmup} | {steps} | {final:.4f} | {gap} |")
-    lines.append("")
+    lines += ["", "Validation every 150 steps is on 16 held-out batches (32K tokens), the final one on 64 (131K): the last "
+              "step of each curve is partly the other sample. The unigram loss is of the whole split, so a plateaued "
+              "run's final loss sits a little above it.", ""]
     styles = {"torch-postln": "-", "tlm-post": "--", "tlm-post-old-init": ":"}
     title = "Post-norm: tlm beside torch's own post-LN layers (CPU scale, seed 0)"
     with figure(Path(out) / "postln.png", title, panels=2, size=(13, 4.8)) as axes:
