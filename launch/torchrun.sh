@@ -4,6 +4,8 @@
 #   launch/torchrun.sh --config configs/tlm-26m.yaml                       # this node, all its GPUs
 #   PROCS_PER_NODE=2 launch/torchrun.sh --config configs/debug.yaml        # 2 processes (CPU: gloo ranks)
 #   NNODES=4 MASTER_ADDR=gpu1 MASTER_PORT=29500 launch/torchrun.sh ...      # the same command on each node
+#   (RDZV_CONF=is_host=1 on the first node when MASTER_ADDR is an address its hostname does not resolve to, and
+#    LOCAL_ADDR=<this node's address> on every node whose hostname resolves to an address the others cannot reach)
 #
 # With NNODES > 1 every node runs this with the same MASTER_ADDR:MASTER_PORT (the rendezvous endpoint, on
 # the first node) and RDZV_ID; node ranks are assigned at rendezvous.
@@ -13,6 +15,11 @@ NNODES=${NNODES:-1}
 if [ "$NNODES" -gt 1 ]; then
     rdzv=(--nnodes "$NNODES" --rdzv_backend c10d --rdzv_id "${RDZV_ID:-tlm}"
           --rdzv_endpoint "${MASTER_ADDR:?set MASTER_ADDR to the first node}:${MASTER_PORT:-29500}")
+    # The first node hosts the rendezvous store when it recognises MASTER_ADDR as its own name or address; where
+    # it cannot (an address its hostname does not resolve to), RDZV_CONF=is_host=1 on that node says so.
+    if [ -n "${RDZV_CONF:-}" ]; then rdzv+=(--rdzv_conf "$RDZV_CONF"); fi
+    # The address this node gives the others (default: its hostname's); set it where that is not reachable.
+    if [ -n "${LOCAL_ADDR:-}" ]; then rdzv+=(--local_addr "$LOCAL_ADDR"); fi
 else
     rdzv=(--standalone --nnodes 1)
 fi

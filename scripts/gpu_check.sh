@@ -8,6 +8,7 @@
 #   mkdir -p .whl && cp <gpu-wheels>/*.whl .whl/ && scripts/gpu_check.sh
 #   ABLATE_TIMEOUT=300 ABLATE_DATA=corpus/gutenberg-train.jsonl.xz ABLATE_VAL=corpus/gutenberg-val.jsonl scripts/gpu_check.sh
 #       (part 4: `tlm ablate all --scale h200` for that many seconds, continuing the runs committed before)
+#   PREPARE_TIMEOUT=120 ABLATE_DATA=... scripts/gpu_check.sh   (part 5: prepare on 1 / 4 / 16 processes)
 set -uo pipefail
 OUT=${OUT:-gpu-run}
 mkdir -p "$OUT"
@@ -47,5 +48,17 @@ if [ "${ABLATE_TIMEOUT:-0}" -gt 0 ] && [ -n "${ABLATE_DATA:-}" ]; then
     timeout "$ABLATE_TIMEOUT" python3 -m tlm ablate all --scale h200 --seeds 3 --out "$OUT/ablations/h200" \
         --data.source="$ABLATE_DATA" ${ABLATE_VAL:+--data.val_source="$ABLATE_VAL"} --checkpoint.every=50 | tail -n 1
     echo "ablate exit: ${PIPESTATUS[0]}"
+fi
+if [ "${PREPARE_TIMEOUT:-0}" -gt 0 ] && [ -n "${ABLATE_DATA:-}" ]; then
+    echo "== 5. tlm prepare on 1, 4 and 16 processes of this machine's cores (the --num_proc scaling, CPU only)"
+    tlm_tok="$OUT/prepare-tok"
+    timeout "$PREPARE_TIMEOUT" python3 -m tlm tokenizer --data "$ABLATE_DATA" --out "$tlm_tok" --max_chars 50000000 \
+        --overwrite | tail -n 1 >/dev/null
+    for n in 1 4 16; do
+        echo "num_proc $n:"
+        timeout "$PREPARE_TIMEOUT" python3 -m tlm prepare --data "$ABLATE_DATA" --tokenizer "$tlm_tok" --out "$OUT/prepare-$n" --val 0 \
+            --num_proc "$n" --overwrite | tail -n 1
+    done
+    sha256sum "$OUT"/prepare-*/train-00000.arrow
 fi
 echo "== done $(date -u +%Y-%m-%dT%H:%M:%SZ)"

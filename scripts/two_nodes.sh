@@ -28,7 +28,7 @@ for i in 0 1; do
     ip netns exec "${NS[$i]}" ip link set "tlm-veth$i" up
     ip netns exec "${NS[$i]}" ip link set lo up
 done
-ip netns exec "${NS[0]}" ping -c 1 -W 2 "${ADDR[1]}" >/dev/null && echo "node0 ${ADDR[0]} <-> node1 ${ADDR[1]}: reachable"
+echo "node0 ${ADDR[0]} (namespace ${NS[0]}), node1 ${ADDR[1]} (namespace ${NS[1]}), joined by a veth pair"
 
 cd "$REPO"
 # Data prepared once, read by every run (the runs must not race to prepare it).
@@ -46,9 +46,11 @@ PROCS_PER_NODE=2 OMP_NUM_THREADS=1 launch/torchrun.sh "${COMMON[@]}" --logging.r
 
 echo "== torchrun across the two namespaces"
 for i in 1 0; do
+    # node 0 hosts the rendezvous store: its hostname does not resolve to its namespace's address, so say so
     ip netns exec "${NS[$i]}" env NNODES=2 MASTER_ADDR="${ADDR[0]}" MASTER_PORT=29511 RDZV_ID=tlm-two-nodes \
+        RDZV_CONF="$([ "$i" = 0 ] && echo is_host=1)" LOCAL_ADDR="${ADDR[$i]}" \
         PROCS_PER_NODE=1 OMP_NUM_THREADS=1 GLOO_SOCKET_IFNAME="tlm-veth$i" \
-        launch/torchrun.sh "${COMMON[@]}" --logging.run_dir="$WORK/torchrun" >"$WORK/torchrun-node$i.log" 2>&1 &
+        timeout 300 launch/torchrun.sh "${COMMON[@]}" --logging.run_dir="$WORK/torchrun" >"$WORK/torchrun-node$i.log" 2>&1 &
 done
 wait
 
@@ -56,7 +58,7 @@ echo "== the deepspeed launcher, no-ssh mode, a hostfile naming both nodes"
 for i in 1 0; do
     ip netns exec "${NS[$i]}" env NODES="${ADDR[*]}" NO_SSH=1 NODE_RANK=$i MASTER_PORT=29512 HOSTFILE="$WORK/hostfile$i" \
         PROCS_PER_NODE=1 OMP_NUM_THREADS=1 GLOO_SOCKET_IFNAME="tlm-veth$i" \
-        launch/deepspeed.sh "${COMMON[@]}" --logging.run_dir="$WORK/deepspeed" >"$WORK/deepspeed-node$i.log" 2>&1 &
+        timeout 300 launch/deepspeed.sh "${COMMON[@]}" --logging.run_dir="$WORK/deepspeed" >"$WORK/deepspeed-node$i.log" 2>&1 &
 done
 wait
 

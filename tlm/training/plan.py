@@ -7,7 +7,7 @@ so that ZeRO-2 and ZeRO-3 agree with `estimate_zero2_model_states_mem_needs` / `
 
 | setting | parameters | gradients | optimizer states |
 |---|---|---|---|
-| single / DDP (fp32 weights, bf16 autocast) | 4P | 4P | 8P (Adam m, v) |
+| single / DDP (fp32 weights, bf16 autocast) | 4P + 2P (autocast's bf16 copies, kept for backward) | 4P | 8P (Adam m, v) |
 | DeepSpeed ZeRO-0 / 1 | 2P (bf16) | 2P (bf16) + 4P/N fp32 at ZeRO-1 (4P at 0) | 12P/N (fp32 master + m + v; N=1 at 0) |
 | DeepSpeed ZeRO-2 | 2P | 6P/N | 12P/N |
 | DeepSpeed ZeRO-3 | 2P/N + 4L (the largest layer gathered) | 4P/N | 12P/N |
@@ -76,7 +76,7 @@ def model_state_bytes(config: ModelConfig, backend: str, zero_stage: int | None,
     p, largest, block = parameter_counts(config)
     n = gpus
     if backend in ("single", "ddp"):
-        return 4 * p, 4 * p, 8 * p
+        return 6 * p, 4 * p, 8 * p
     if backend == "fsdp2":
         return 4 * p // n + 4 * block, 4 * p // n, 8 * p // n
     if zero_stage == 0:
