@@ -33,8 +33,10 @@ def presets() -> None:
 def plan(preset: str | None = None, config: str | None = None, gpus: int = 1, gpu_mem: Any = "80GiB",
          seq_len: int | None = None, micro_batch: int | None = None, loss_chunk: int | None = None,
          margin: float = 0.1) -> None:
-    """Per-GPU memory of every backend / ZeRO stage / activation-checkpointing setting, whether it fits, and the
-    cheapest one that does (JSON on the last line).
+    """Per-GPU memory of each backend / ZeRO stage / checkpointing setting, and the cheapest that fits.
+
+    For every setting: parameters, gradients, optimizer states and activations per GPU and whether they fit (a
+    table; JSON on the last line).
 
     Model states follow DeepSpeed's own estimators' accounting (equal to them at ZeRO-2 and ZeRO-3); activations
     are counted tensor by tensor for a bf16 Llama block; the formulas are in tlm/training/plan.py.
@@ -361,5 +363,5 @@ def export(checkpoint: str, out: str, dtype: str = "float32") -> None:
     emit({"out": str(path), "files": files, "architecture": "LlamaForCausalLM"})
 
 
-COMMANDS = {"plan": plan, "train": train, "prepare": prepare, "tokenizer": tokenizer, "eval": eval, "generate": generate,
-            "init": init, "export": export, "presets": presets, "ablate": ablate, "bench": bench}
+COMMANDS = {"train": train, "prepare": prepare, "tokenizer": tokenizer, "eval": eval, "generate": generate,
+            "init": init, "export": export, "presets": presets, "plan": plan, "ablate": ablate, "bench": bench}
