@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 def test_every_study_is_derived_from_the_base_recipe() -> None:
     base = load_config(REPO / "configs" / "ablations" / "cpu.yaml")
     known = studies(base)
-    assert list(known) == ["lr", "batch", "norm", "norm_position", "position", "mlp", "kv_heads", "yarn"]
+    assert list(known) == ["lr", "batch", "norm", "norm_position", "position", "mlp", "kv_heads", "yarn", "documents"]
+    assert known["documents"].variants == {"mask": {"train.document_masking": "mask"}, "cross-document": {}}
     assert known["lr"].variants[known["lr"].baseline] == {} and len(known["lr"].variants) == 5
     assert set(known["kv_heads"].variants) == {"kv_heads=1", "kv_heads=2", "kv_heads=4", "kv_heads=8"}
     batch = known["batch"].variants
