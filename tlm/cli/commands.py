@@ -257,12 +257,12 @@ def ablate(study: str, scale: str = "cpu", seeds: int = 3, out: str | None = Non
            slurm: bool = False, sbatch_args: str = "", **overrides: Any) -> None:
     """Run an ablation study (each variant x seeds), then write its plots and report.
 
-    Studies: lr, batch, norm, norm_position, position, mlp, kv_heads, yarn, or all; report only regenerates
+    Studies: lr, batch, norm, norm_position, position, mlp, kv_heads, yarn, documents, or all; report only regenerates
     the report from the runs' files. Finished runs are not trained again; several processes started on the
     same --out share the runs (each is claimed with a file lock).
 
     Args:
-        study: lr | batch | norm | norm_position | position | mlp | kv_heads | yarn | all | report.
+        study: lr | batch | norm | norm_position | position | mlp | kv_heads | yarn | documents | all | report.
         scale: cpu (configs/ablations/cpu.yaml, minutes per run on a CPU) or h200 (the 26M recipe).
         seeds: seeds per variant (each seed fixes the initial weights and the data order).
         out: the folder of the runs (default runs/ablations/SCALE); runs go in OUT/runs.
