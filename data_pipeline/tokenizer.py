@@ -159,9 +159,8 @@ def import_tokenizer(src: str | Path, out: str | Path, overwrite: bool = False) 
         raise DataError(f"--from '{src}' has no tokenizer.json{hint}")
     tokenizer = load_tokenizer(src)
     ids = special_token_ids(src, tokenizer)
-    separator = tokenizer.token_to_id(EOT)
-    if separator is None:
-        separator = ids["eos_token_id"]
+    name = separator_token(tokenizer, src)  # what prepare will separate documents with
+    separator = None if name is None else tokenizer.token_to_id(name)
     if separator is None:
         raise DataError(f"'{src / 'tokenizer.json'}' has no end-of-text token to separate documents with (no "
                         f"{EOT}, and its config names no eos_token that is in the vocabulary); add one as a special "

@@ -55,7 +55,18 @@ class DataIdentity(Schema):
     prepared: StrictStr | list[StrictStr] | None = None  # a folder, or a mixture's folders
 
 
-class TrainerState(Schema):
+class ValidationFigures(Schema):
+    """The figures of a validation pass (tlm.training.evaluate), as trainer.json and metrics.jsonl hold them."""
+
+    val_loss: float | None = None
+    val_ppl: float | None = None
+    val_tokens: NonNegInt | None = None
+    val_loss_se: float | None = None
+    val_bpb: float | None = None
+    val_bytes: NonNegInt | None = None
+
+
+class TrainerState(ValidationFigures):
     """trainer.json: where a run stands, and the resolved configuration it stands on."""
 
     step: NonNegInt
@@ -71,12 +82,6 @@ class TrainerState(Schema):
     tokens_seen: NonNegInt = 0
     total_steps: PosInt | None = None
     skipped_steps: NonNegInt = 0
-    val_loss: float | None = None
-    val_ppl: float | None = None
-    val_tokens: NonNegInt | None = None
-    val_loss_se: float | None = None
-    val_bpb: float | None = None
-    val_bytes: NonNegInt | None = None
 
 
 class CompleteManifest(Schema):

@@ -108,14 +108,9 @@ def write_report(runs_dir: Path, report_dir: Path, scale: str, seeds: int, names
 def _eval_noise(out_dir: Path, report_dir: Path, scale: str, runs: dict[str, dict]) -> dict[str, Any] | None:
     """eval_noise.json (tlm.studies.analysis.eval_noise of two baseline seeds), computed once while their models
     exist, then kept beside the report."""
-    import json
-
-    for folder in (out_dir, report_dir):
-        if (folder / EVAL_NOISE).is_file():
-            data = json.loads((folder / EVAL_NOISE).read_text())
-            if folder != report_dir:
-                shutil.copyfile(folder / EVAL_NOISE, report_dir / EVAL_NOISE)
-            return data
+    data = _kept(EVAL_NOISE, out_dir, report_dir)
+    if data is not None:
+        return data
     pair = [runs[name]["dir"] for name in ("base-seed0", "base-seed1") if name in runs]
     if len(pair) < 2 or not all((run / "checkpoints").is_dir() for run in pair):
         return None
@@ -129,17 +124,22 @@ def _eval_noise(out_dir: Path, report_dir: Path, scale: str, runs: dict[str, dic
     return data
 
 
-def _unigram(out_dir: Path, report_dir: Path) -> dict[str, Any] | None:
-    """unigram.json of the study (from the runs' folder, else the report's), copied beside the report."""
+def _kept(name: str, out_dir: Path, report_dir: Path) -> dict[str, Any] | None:
+    """A study-wide JSON file (from the runs' folder, else the report's), copied beside the report; None if absent."""
     import json
 
     for folder in (out_dir, report_dir):
-        if (folder / UNIGRAM).is_file():
-            data = json.loads((folder / UNIGRAM).read_text())
+        if (folder / name).is_file():
+            data = json.loads((folder / name).read_text())
             if folder != report_dir:
-                shutil.copyfile(folder / UNIGRAM, report_dir / UNIGRAM)
+                shutil.copyfile(folder / name, report_dir / name)
             return data
     return None
+
+
+def _unigram(out_dir: Path, report_dir: Path) -> dict[str, Any] | None:
+    """unigram.json of the study, copied beside the report."""
+    return _kept(UNIGRAM, out_dir, report_dir)
 
 
 def _planned(names: list[str], scale: str, seeds: int) -> list[dict[str, Any]]:

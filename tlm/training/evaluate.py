@@ -149,15 +149,15 @@ def is_transformers_folder(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file() and not (Path(path) / CONFIG_NAME).is_file()
 
 
-def _load_model(checkpoint: str, device: torch.device) -> tuple[Any, Any, int, int | None, str | None]:
-    """(runner, model config, vocabulary size, trained length, end-of-text token) of a tlm model directory or a
-    transformers folder."""
+def _load_model(checkpoint: str, device: torch.device) -> tuple[Any, int, int | None, str | None]:
+    """(runner, vocabulary size, trained length, end-of-text token) of a tlm model directory or a transformers
+    folder."""
     if not is_transformers_folder(checkpoint):
         from tlm.checkpointing.model_dir import read_model_meta
 
         model = load_model_dir(checkpoint, device=device)
-        return (ModelRunner(model, device), model.config, model.config.vocab_size,
-                read_model_meta(checkpoint).get("trained_seq_len"), None)
+        trained = read_model_meta(checkpoint).get("trained_seq_len")
+        return ModelRunner(model, device), model.config.vocab_size, trained, None
     try:
         import transformers
     except ImportError:
@@ -175,7 +175,7 @@ def _load_model(checkpoint: str, device: torch.device) -> tuple[Any, Any, int, i
         eot = load_tokenizer(checkpoint).id_to_token(eos) if eos is not None else None
     vocab = model.config.vocab_size
     length = getattr(model.config, "max_position_embeddings", None)
-    return TransformersRunner(model), model.config, vocab, min(512, length) if length else None, eot
+    return TransformersRunner(model), vocab, min(512, length) if length else None, eot
 
 
 def evaluate_checkpoint(checkpoint: str, data: Any, seq_len: int | None = None, split: str | None = None,
@@ -184,7 +184,7 @@ def evaluate_checkpoint(checkpoint: str, data: Any, seq_len: int | None = None, 
     """Evaluate `checkpoint` (a tlm model directory or a transformers model folder) on a prepared folder (its
     split) or on raw text (tokenized with the checkpoint's own tokenizer): loss, perplexity, bits per byte."""
     device = device or torch.device("cpu")
-    runner, _, vocab_size, trained_len, eot_token = _load_model(checkpoint, device)
+    runner, vocab_size, trained_len, eot_token = _load_model(checkpoint, device)
     model_tokenizer = Path(checkpoint) / "tokenizer.json"
     with tempfile.TemporaryDirectory(prefix="tlm-eval-") as tmp:
         if isinstance(data, (str, Path)) and (Path(data) / "manifest.json").is_file():

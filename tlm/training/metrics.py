@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tlm.checkpointing.checkpoints import ValidationFigures
 from tlm.model.config import ModelConfig
 from data_pipeline.fileio import LineAppender, atomic_write_bytes
 from data_pipeline.schema import NonNegInt, PosInt, Schema, StrictBool, load_json_text, parse
@@ -73,17 +74,11 @@ class MetricsFile:
         self.file.close()
 
 
-class MetricsRecord(Schema):
+class MetricsRecord(ValidationFigures):
     """One line of metrics.jsonl as read back: a step, and numbers (or null) for the figures."""
 
     step: NonNegInt
     loss: float | None = None
-    val_loss: float | None = None
-    val_ppl: float | None = None
-    val_tokens: NonNegInt | None = None
-    val_loss_se: float | None = None
-    val_bpb: float | None = None
-    val_bytes: NonNegInt | None = None
     lr: float | None = None
     tokens_seen: NonNegInt | None = None
     tokens_per_s: float | None = None

@@ -107,18 +107,24 @@ def activation_bytes(config: ModelConfig, micro_batch: int, seq_len: int, checkp
     return blocks + logits + tokens * 4 * h  # the embedding output
 
 
+def plan_row(config: ModelConfig, backend: str, zero_stage: int | None, gpus: int, micro_batch: int, seq_len: int,
+             loss_chunk: int = 0, checkpointing: str = "none", margin: float = 0.1) -> PlanRow:
+    """The plan of one setting (what `tlm train` prints at start-up); `fits` is left True (no device given)."""
+    backend = "ddp" if backend == "single" and gpus > 1 else backend
+    stage = zero_stage if backend == "deepspeed" else None  # a ZeRO stage means nothing to another backend
+    params, grads, optim = model_state_bytes(config, backend, stage, gpus)
+    acts = activation_bytes(config, micro_batch, seq_len, checkpointing, loss_chunk)
+    return PlanRow(backend, stage, checkpointing, params, grads, optim, acts,
+                   int((params + grads + optim + acts) * (1 + margin)), True)
+
+
 def plan(config: ModelConfig, gpus: int, gpu_bytes: int, micro_batch: int, seq_len: int, loss_chunk: int = 0,
          margin: float = 0.1) -> list[PlanRow]:
     """Every setting, cheapest first, with its per-GPU bytes and whether it fits in `gpu_bytes`."""
-    rows = []
-    for checkpointing in CHECKPOINTING:
-        for backend, stage in SETTINGS:
-            if backend == "single" and gpus > 1:
-                backend = "ddp"
-            params, grads, optim = model_state_bytes(config, backend, stage, gpus)
-            acts = activation_bytes(config, micro_batch, seq_len, checkpointing, loss_chunk)
-            total = int((params + grads + optim + acts) * (1 + margin))
-            rows.append(PlanRow(backend, stage, checkpointing, params, grads, optim, acts, total, total <= gpu_bytes))
+    rows = [plan_row(config, backend, stage, gpus, micro_batch, seq_len, loss_chunk, checkpointing, margin)
+            for checkpointing in CHECKPOINTING for backend, stage in SETTINGS]
+    for row in rows:
+        row.fits = row.total <= gpu_bytes
     return rows
 
 
@@ -159,13 +165,3 @@ def row_line(row: PlanRow) -> str:
 def plan_table(rows: list[PlanRow]) -> list[dict[str, Any]]:
     return [{**asdict(row), "setting": row.name} for row in rows]
 
-
-def plan_row(config: ModelConfig, backend: str, zero_stage: int | None, gpus: int, micro_batch: int, seq_len: int,
-             loss_chunk: int = 0, checkpointing: str = "none", margin: float = 0.1) -> PlanRow:
-    """The plan of one setting (what `tlm train` prints at start-up); `fits` is left True (no device given)."""
-    backend = "ddp" if backend == "single" and gpus > 1 else backend
-    stage = zero_stage if backend == "deepspeed" else None
-    params, grads, optim = model_state_bytes(config, backend, stage, gpus)
-    acts = activation_bytes(config, micro_batch, seq_len, checkpointing, loss_chunk)
-    return PlanRow(backend, stage, checkpointing, params, grads, optim, acts,
-                   int((params + grads + optim + acts) * (1 + margin)), True)

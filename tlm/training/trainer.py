@@ -26,7 +26,7 @@ from data_pipeline.errors import CheckpointError, ConfigError, RankAgreedError, 
 from data_pipeline.fileio import atomic_write_json
 from data_pipeline.locks import FolderLock
 from data_pipeline.stream import TokenStream
-from tlm.checkpointing.checkpoints import Checkpointer, checkpoint_dir, find_resume, read_trainer_state
+from tlm.checkpointing.checkpoints import Checkpointer, ValidationFigures, checkpoint_dir, find_resume, read_trainer_state
 from tlm.checkpointing.model_dir import read_model_meta, save_model_dir
 from tlm.checkpointing.resume_check import check_config, check_data, diff_lines, model_changes
 from tlm.model.transformer import TransformerLM
@@ -381,9 +381,7 @@ class Trainer:
             if self.state is not None and self.step == self.state["step"]:
                 if info.is_main:
                     log.info("%s is already at step %d; nothing to train", self.run_dir, self.step)
-                self.last_eval = {k: self.state[k] for k in ("val_loss", "val_ppl", "val_tokens", "val_loss_se",
-                                                             "val_bpb", "val_bytes")
-                                  if k in self.state}
+                self.last_eval = {k: self.state[k] for k in ValidationFigures.model_fields if k in self.state}
                 final_path = self.resume
             else:
                 if self.step == self.total_steps and not stopped:
