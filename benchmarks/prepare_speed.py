@@ -1,7 +1,8 @@
 """Throughput and peak memory of `tlm prepare`, on a corpus and on the same corpus repeated N times.
 
-Each run is a separate `tlm prepare` process, so its peak resident memory (ru_maxrss from wait4) is its
-own. A tokenizer is trained first (on the first `tokenizer_chars` characters) unless one is given.
+Each run is a separate `tlm prepare` process; its peak resident memory is that of its process tree (its
+tokenizing workers included, benchmarks/measure.py). A tokenizer is trained first (on the first
+`tokenizer_chars` characters) unless one is given.
 Prints a table on stderr and one JSON object on the last line of stdout.
 
     python benchmarks/prepare_speed.py                                   # the bundled demo set, x1 and x10
@@ -12,28 +13,22 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import fire
 
 from data_pipeline import DEMO_TRAIN
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import measure  # noqa: E402
+
 
 def run_measured(args: list[str]) -> tuple[dict, float, float]:
-    """Run a tlm command; return its last-line JSON, wall seconds and peak RSS in MB."""
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "tlm", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out = proc.stdout.read()
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    if status != 0:
-        raise SystemExit(f"tlm {' '.join(args)} failed:\n{err}")
-    return json.loads(out.strip().splitlines()[-1]), seconds, usage.ru_maxrss / 1024
+    """Run a tlm command; return its last-line JSON, wall seconds and the peak RSS of its process tree in MB."""
+    stdout, seconds, _, peak = measure.run_measured([sys.executable, "-m", "tlm", *args])
+    return json.loads(stdout.strip().splitlines()[-1]), seconds, peak
 
 
 def main(data: str = str(DEMO_TRAIN), repeats: tuple[int, ...] = (1, 10), tokenizer: str | None = None,
