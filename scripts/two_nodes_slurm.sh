@@ -11,29 +11,18 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${1:-$(mktemp -d -t tlm-slurm2-XXXX)}
 mkdir -p "$WORK" && WORK=$(cd "$WORK" && pwd)
 PY=${TLM_PYTHON:-python3}
-NS=(tlm-node0 tlm-node1)
-ADDR=(10.231.0.1 10.231.0.2)
 NAMES=(tlmnode0 tlmnode1)
-export HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
+source "$REPO/scripts/netns_nodes.sh"
 
 cleanup() {
     for f in "$WORK"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
     sleep 1
-    for ns in "${NS[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
+    nodes_down
     sed -i '/# tlm-two-nodes$/d' /etc/hosts
 }
 trap cleanup EXIT
-for ns in "${NS[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
-ip netns add "${NS[0]}"; ip netns add "${NS[1]}"
-ip link add tlm-veth0 type veth peer name tlm-veth1
-for i in 0 1; do
-    ip link set "tlm-veth$i" netns "${NS[$i]}"
-    ip netns exec "${NS[$i]}" ip link set "tlm-veth$i" name tlm0
-    ip netns exec "${NS[$i]}" ip addr add "${ADDR[$i]}/24" dev tlm0
-    ip netns exec "${NS[$i]}" ip link set tlm0 up
-    ip netns exec "${NS[$i]}" ip link set lo up
-    echo "${ADDR[$i]} ${NAMES[$i]} # tlm-two-nodes" >>/etc/hosts
-done
+nodes_up
+for i in 0 1; do echo "${ADDR[$i]} ${NAMES[$i]} # tlm-two-nodes" >>/etc/hosts; done
 
 # munge (a unix socket: both namespaces share the filesystem)
 if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
@@ -87,20 +76,13 @@ done
 ip netns exec "${NS[0]}" sinfo -N
 
 cd "$REPO"
-TEXT=data_pipeline/corpora/tinyshakespeare.txt.xz
-"$PY" -m tlm tokenizer --data "$TEXT" --sample_by paragraph --out "$WORK/tok" --vocab_size 512 >/dev/null
-"$PY" -m tlm prepare --data "$TEXT" --sample_by paragraph --tokenizer "$WORK/tok" --out "$WORK/data" --seq_len 64 \
-    --val 0.05 >/dev/null
-ARGS="--data.prepared=$WORK/data --train.backend=deepspeed --train.zero_stage=2 --train.max_steps=6 --eval.every=3 \
---eval.max_batches=2 --logging.sample_prompt=None --train.precision=fp32 --model.vocab_size=512"
-
-echo "== one node, two processes (the reference)"
-PROCS_PER_NODE=2 OMP_NUM_THREADS=1 TLM_PYTHON=$PY launch/torchrun.sh --config configs/debug.yaml $ARGS \
-    --logging.run_dir="$WORK/one-node" >"$WORK/one-node.log" 2>&1
+prepare_data
+reference_run
+ARGS="${COMMON[*]:2}"  # all but --config, which the sbatch script takes from TLM_CONFIG
 
 echo "== sbatch --nodes=2 slurm/pretrain-multinode.sbatch (srun: one rank per node)"
 job=$(ip netns exec "${NS[0]}" env TLM_HOME="$REPO" TLM_PYTHON="$PY" TLM_CONFIG=configs/debug.yaml \
-    TLM_ARGS="$ARGS --logging.run_dir=$WORK/slurm" GLOO_SOCKET_IFNAME=tlm0 OMP_NUM_THREADS=1 \
+    TLM_ARGS="$ARGS --logging.run_dir=$WORK/slurm" "${NODE_ENV[@]}" \
     sbatch --parsable --nodes=2 --ntasks-per-node=1 --cpus-per-task=1 --chdir="$REPO" \
     --output="$WORK/slurm-%j.out" slurm/pretrain-multinode.sbatch)
 echo "job $job"
@@ -111,19 +93,4 @@ for _ in $(seq 600); do
 done
 tail -n 5 "$WORK/slurm-$job.out"
 
-"$PY" - "$WORK" <<'PY'
-import json, sys
-from pathlib import Path
-work = Path(sys.argv[1])
-def losses(run):
-    records = [json.loads(l) for l in (work / run / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r], [r["val_loss"] for r in records if "val_loss" in r]
-one, slurm = losses("one-node"), losses("slurm")
-print(f"{'run':10s} {'train losses':60s} val losses")
-for name, (train, val) in (("one-node", one), ("slurm", slurm)):
-    print(f"{name:10s} {' '.join(f'{x:.5f}' for x in train):60s} {' '.join(f'{x:.5f}' for x in val)}")
-equal = len(one[0]) == len(slurm[0]) == 6 and all(abs(a - b) <= 1e-5 for a, b in zip(one[0] + one[1], slurm[0] + slurm[1]))
-print("equal to one node within 1e-5:", equal)
-(work / "result.json").write_text(json.dumps({"one-node": one, "slurm": slurm, "equal": equal}, indent=1))
-sys.exit(0 if equal else 1)
-PY
+compare_losses slurm
