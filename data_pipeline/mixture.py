@@ -73,10 +73,11 @@ class MixedRows:
         self.parts = parts
         self.rows = [TokenRows(p.path, split, verify=verify) for p in parts]
         first = self.rows[0]
+        shared = {"tokenizer": lambda m: m["tokenizer"]["sha256"], "row length": lambda m: m["row_length"],
+                  "packing mode": lambda m: m["mode"]}
         for part, rows in zip(parts[1:], self.rows[1:]):
-            for key, what in (("tokenizer", "tokenizer"), ("row_length", "row length"), ("mode", "packing mode")):
-                a = first.manifest[key]["sha256"] if key == "tokenizer" else first.manifest[key]
-                b = rows.manifest[key]["sha256"] if key == "tokenizer" else rows.manifest[key]
+            for what, value in shared.items():
+                a, b = value(first.manifest), value(rows.manifest)
                 if a != b:
                     raise DataError(f"data.mix: '{part.path}' has another {what} than '{parts[0].path}' "
                                     f"({str(b)[:16]} vs {str(a)[:16]}); prepare every part with the same tokenizer, "

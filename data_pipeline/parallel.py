@@ -51,7 +51,8 @@ def split_ids(ids: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
 
 
 class BatchEncoder:
-    """Encodes batches of texts in submission order, in this process (num_proc 1) or in a pool.
+    """Encodes batches of texts in submission order, in this process (num_proc 1) or in a pool (`num_proc` is
+    checked by `prepare`, before any work).
 
     `submit(texts, done)` queues a batch; `done(list of id arrays)` is called for each batch in the order the
     batches were submitted, from `submit` or `drain`. The pool starts with the second batch, so an input of
@@ -59,8 +60,6 @@ class BatchEncoder:
     """
 
     def __init__(self, tokenizer: Any, num_proc: int, dtype: np.dtype) -> None:
-        if isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1:
-            raise ValueError(f"--num-proc must be a positive integer, got {num_proc!r}")
         self.tokenizer = tokenizer
         self.num_proc = num_proc
         self.dtype = dtype

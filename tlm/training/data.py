@@ -61,14 +61,19 @@ def _refuse_changed_sources(expect: dict[str, Any] | None, sources: list[dict[st
                               f"restore it, or {NEW_RUN}")
 
 
+def _tokenizer_of(config: TrainConfig, manifest: dict[str, Any]) -> Path | None:
+    """The tokenizer of a prepared folder: data.tokenizer, else the one its manifest names (None when gone)."""
+    tokenizer = Path(config.data.tokenizer) if config.data.tokenizer else Path(manifest["tokenizer"]["path"])
+    return tokenizer if (tokenizer / "tokenizer.json").is_file() else None
+
+
 def resolve_data(config: TrainConfig, is_main: bool, expect: dict[str, Any] | None = None) -> tuple[Path, Path | None]:
     """(prepared dataset folder, tokenizer folder) for the run, preparing them on rank 0 if needed."""
     data = config.data
     if data.prepared is not None:
         path = Path(data.prepared)
         manifest = load_manifest(path)  # clear error when the folder is missing or unfinished
-        tokenizer = Path(data.tokenizer) if data.tokenizer else Path(manifest["tokenizer"]["path"])
-        return path, tokenizer if (tokenizer / "tokenizer.json").is_file() else None
+        return path, _tokenizer_of(config, manifest)
 
     from data_pipeline import default_data
     from data_pipeline.prepare import PrepareConfig, describe_inputs, fingerprint_of, prepare
@@ -155,6 +160,20 @@ def model_config_for(config: TrainConfig, tokenizer_dir: Path | None) -> ModelCo
     return model_config
 
 
+def _model_for_data(config: TrainConfig, manifest: dict[str, Any], tokenizer_dir: Path | None,
+                    where: str) -> tuple[ModelConfig, str | None]:
+    """The run's model config (special ids from the tokenizer) and the tokenizer's sha256, once the data's packing
+    mode is the one the config asks for."""
+    if (manifest["mode"] == "pack") != config.data.pack:
+        raise ConfigError(f"data.pack is {config.data.pack} but {where} was prepared in {manifest['mode']} mode")
+    tok_sha = None
+    if tokenizer_dir is not None:
+        from data_pipeline.tokenizer import tokenizer_sha256
+
+        tok_sha = tokenizer_sha256(tokenizer_dir)
+    return model_config_for(config, tokenizer_dir), tok_sha
+
+
 def load_run_data(config: TrainConfig, is_main: bool, expect: dict[str, Any] | None = None) -> RunData:
     """Resolve (and on first use prepare) the run's data, then check it before step 1: the packing mode, the
     tokenizer, the sequence length, token ids within the vocabulary. Rank 0 verifies every shard's sha256."""
@@ -166,14 +185,7 @@ def load_run_data(config: TrainConfig, is_main: bool, expect: dict[str, Any] | N
     verify = "sha256" if is_main else "size"
     rows = TokenRows(prepared, "train", verify=verify)
     manifest = rows.manifest
-    if (manifest["mode"] == "pack") != config.data.pack:
-        raise ConfigError(f"data.pack is {config.data.pack} but {prepared} was prepared in {manifest['mode']} mode")
-    model_config = model_config_for(config, tokenizer_dir)
-    tok_sha = None
-    if tokenizer_dir is not None:
-        from data_pipeline.tokenizer import tokenizer_sha256
-
-        tok_sha = tokenizer_sha256(tokenizer_dir)
+    model_config, tok_sha = _model_for_data(config, manifest, tokenizer_dir, str(prepared))
     check_compatible(manifest, model_config.vocab_size, config.data.seq_len, tok_sha, where=str(prepared))
     val_rows = TokenRows(prepared, "val", verify=verify) if manifest["splits"]["val"]["rows"] else None
     if val_rows is None and is_main and (config.eval.every or config.eval.at_start or config.eval.final_full):
@@ -197,16 +209,8 @@ def load_mixture(config: TrainConfig, is_main: bool) -> RunData:
     verify = "sha256" if is_main else "size"
     rows = MixedRows(parts, seed=config.train.seed, verify=verify)
     manifest = rows.manifest
-    if (manifest["mode"] == "pack") != config.data.pack:
-        raise ConfigError(f"data.pack is {config.data.pack} but data.mix was prepared in {manifest['mode']} mode")
-    tokenizer_dir = Path(config.data.tokenizer) if config.data.tokenizer else Path(manifest["tokenizer"]["path"])
-    tokenizer_dir = tokenizer_dir if (tokenizer_dir / "tokenizer.json").is_file() else None
-    model_config = model_config_for(config, tokenizer_dir)
-    tok_sha = None
-    if tokenizer_dir is not None:
-        from data_pipeline.tokenizer import tokenizer_sha256
-
-        tok_sha = tokenizer_sha256(tokenizer_dir)
+    tokenizer_dir = _tokenizer_of(config, manifest)
+    model_config, tok_sha = _model_for_data(config, manifest, tokenizer_dir, "data.mix")
     val_sets = {}
     for part, part_rows in zip(parts, rows.rows):
         check_compatible(part_rows.manifest, model_config.vocab_size, config.data.seq_len, tok_sha, where=part.path)
