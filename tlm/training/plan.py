@@ -57,17 +57,15 @@ class PlanRow:
 
 
 def parameter_counts(config: ModelConfig) -> tuple[int, int, int]:
-    """(all parameters, the largest single layer's, one decoder block's), computed from the shapes."""
-    h, kv, i, v = config.hidden_size, config.num_key_value_heads * config.head_dim, config.intermediate_size, config.vocab_size
-    q = config.num_attention_heads * config.head_dim
-    attention = h * q + 2 * h * kv + q * h
-    mlp = (3 if config.mlp == "swiglu" else 2) * h * i
-    norms = 2 * h if config.norm != "none" else 0
-    block = attention + mlp + norms
-    embedding = v * h
-    total = config.num_hidden_layers * block + embedding * (1 if config.tie_word_embeddings else 2) + \
-        (h if config.norm != "none" else 0)
-    largest = max(embedding, h * i, h * q)
+    """(all parameters, the largest single layer's, one decoder block's), from the shapes: the weight matrices as
+    the FLOPs count counts them (tlm.training.metrics.matmul_params), plus the norms and an untied lm_head."""
+    from tlm.training.metrics import matmul_params
+
+    h, embedding = config.hidden_size, config.vocab_size * config.hidden_size
+    norm = h if config.norm != "none" else 0
+    block = (matmul_params(config) - embedding) // config.num_hidden_layers + 2 * norm
+    total = config.num_hidden_layers * block + embedding * (1 if config.tie_word_embeddings else 2) + norm
+    largest = max(embedding, h * config.intermediate_size, h * config.num_attention_heads * config.head_dim)
     return total, largest, block
 
 
