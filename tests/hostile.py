@@ -25,7 +25,7 @@ DEBUG = REPO / "configs" / "debug.yaml"
 def call_main(args: list[Any]) -> int:
     """`tlm ARGS` in this process; its exit status. The signal handlers are put back afterwards (`tlm train`
     ignores late stop signals once its checkpoint is written, as a process about to exit)."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)}
     try:
         main([str(a) for a in args])
     except SystemExit as e:

@@ -160,16 +160,17 @@ def _wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: fl
     raise AssertionError(f"no step {step} in {run_dir}: {proc.poll()}")
 
 
-def test_sigterm_checkpoints_and_exits_within_the_grace_period(tmp_path: Path, prepared: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP: the terminal or ssh session closed
+def test_sigterm_checkpoints_and_exits_within_the_grace_period(tmp_path: Path, prepared: Path, sig: int) -> None:
     run_dir = tmp_path / "run"
     proc = _cli(_args(prepared, run_dir, **{"train.max_steps": 100000, "train.stop_grace_s": 60}))
     _wait_for_step(run_dir, proc, 3)
     sent = time.time()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     assert proc.wait(120) == 0, proc.stderr.read()[-2000:]
     assert time.time() - sent < 60
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["stopped"] == "SIGTERM" and not summary["complete"]
+    assert summary["stopped"] == signal.Signals(sig).name and not summary["complete"]
     assert verify(find_resume(run_dir, "auto")) is None and summary["steps"] >= 3
 
 

@@ -3,15 +3,17 @@
     RUN/checkpoints/step-00000100/
         backend/            the backend's own checkpoint (DeepSpeed folder, FSDP2 DCP, or state.pt)
         rng/rank-R.pt       every rank's RNG states (tensors and lists: weights_only loading)
-        trainer.json        step, samples consumed, data stream state, world size, backend, full config
+        trainer.json        step, samples consumed, data stream state, world size, backend, full config, and
+                            the lineage: the run's id, this checkpoint's id and the one it continued from
         model/              the consolidated model directory (tlm_config.json + model.safetensors + tokenizer)
         COMPLETE            written last, after every rank has finished writing: the manifest (size and
                             sha256 of every file, each fsynced while it is hashed)
-    RUN/checkpoints/latest  the name of the newest complete checkpoint (moved after COMPLETE)
+    RUN/checkpoints/latest  the name of the checkpoint a plain rerun continues (moved after COMPLETE)
+    RUN/checkpoints/abandoned/K/   checkpoints a rollback left behind (tlm.checkpointing.lineage)
 
 A checkpoint without COMPLETE (killed while saving) is never loaded, nor one whose files no longer match
-its manifest (truncated, tampered, lost): `--resume auto` takes the newest sound one and says which it
-passed over and why.
+its manifest (truncated, tampered, lost): `--resume auto` takes the first sound one down the line `latest`
+names and says which it passed over and why.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Protocol
@@ -32,11 +33,11 @@ from data_pipeline.fileio import atomic_write_bytes, atomic_write_json, fsync_pa
 from data_pipeline.schema import (
     Field, NonNegInt, PosInt, RelativeFile, Schema, Sha256, StrictBool, StrictInt, StrictStr, load_json_text, parse,
 )
+from tlm.checkpointing.lineage import STEP_NAME, move_aside, new_id, prune
 
 log = logging.getLogger("tlm")
 COMPLETE = "COMPLETE"
 TRAINER = "trainer.json"
-STEP_NAME = re.compile(r"step-\d{8}")
 
 
 class StreamState(Schema):
@@ -66,6 +67,15 @@ class ValidationFigures(Schema):
     val_bytes: NonNegInt | None = None
 
 
+class Lineage(Schema):
+    """trainer.json's `lineage`: see tlm.checkpointing.lineage."""
+
+    run_id: StrictStr
+    id: StrictStr
+    parent: StrictStr | None = None
+    parent_name: StrictStr | None = None
+
+
 class TrainerState(ValidationFigures):
     """trainer.json: where a run stands, and the resolved configuration it stands on."""
 
@@ -79,6 +89,9 @@ class TrainerState(ValidationFigures):
     """The resolved ModelConfig the weights were trained with."""
     data: DataIdentity | None = None
     config_changes: list[dict[str, Any]] = []
+    lineage: Lineage | None = None
+    """The run this checkpoint belongs to and the one it continued from (tlm.checkpointing.lineage); None in
+    checkpoints of an older tlm."""
     tokens_seen: NonNegInt = 0
     total_steps: PosInt | None = None
     skipped_steps: NonNegInt = 0
@@ -202,53 +215,26 @@ def read_latest(run_dir: Path) -> Path | None:
 
 
 def find_resume(run_dir: Path, resume: str) -> Path | None:
-    """The checkpoint to resume from: None for 'none' or a fresh run, the newest sound one for 'auto'.
+    """The checkpoint a run in `run_dir` would resume for --checkpoint.resume=`resume`, changing nothing: None
+    for 'none' or a fresh run; for 'auto' the first sound checkpoint down the line `latest` names
+    (tlm.checkpointing.lineage). Incomplete checkpoints (a kill while saving) are passed over with a warning,
+    and so are corrupt ones; but when every checkpoint of the line is corrupt the run stops with an error rather
+    than start afresh over hours of training."""
+    from tlm.checkpointing.lineage import plan_start
 
-    Incomplete checkpoints (a kill while saving) are passed over with a warning, and so are corrupt ones;
-    but when every checkpoint of the run is corrupt the run stops with an error rather than start afresh
-    over hours of training.
-    """
-    if resume == "none":
-        return None
-    if resume != "auto":
-        path = Path(resume)
-        if not path.is_dir():
-            raise CheckpointError(f"checkpoint.resume: '{resume}' does not exist")
-        problem = verify(path)
-        if problem:
-            raise CheckpointError(f"checkpoint '{path}' cannot be loaded: {problem}")
-        read_trainer_state(path)
-        return path
-    root = run_dir / "checkpoints"
-    candidates = sorted(root.glob("step-*"), reverse=True) if root.is_dir() else []
-    passed = []
-    for path in candidates:
-        problem = verify(path)
-        if problem is None:
-            if passed:
-                log.warning("skipped checkpoints: %s; resuming from %s", "; ".join(passed), path.name)
-            return path
-        log.warning("checkpoint %s is not loadable: %s", path, problem)
-        passed.append(f"{path.name} ({problem})")
-    if any("incomplete" not in p for p in passed):
-        raise CheckpointError(f"no sound checkpoint in {root}: {'; '.join(passed)}. Nothing was loaded or deleted; "
-                              "restore the files, or start afresh with --checkpoint.resume=none")
-    if passed:
-        log.warning("no complete checkpoint in %s (%s); starting afresh", root, "; ".join(passed))
-    return None
+    return plan_start(run_dir, resume, overwrite=True).resume
 
 
-def prune(run_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints (and incomplete ones older than them)."""
-    root = run_dir / "checkpoints"
-    complete = sorted(p for p in root.glob("step-*") if is_complete(p))
-    if keep_last <= 0 or len(complete) <= keep_last:
+def clear_the_way(path: Path) -> None:
+    """Make room for a new checkpoint at `path`: a leftover of a kill while saving this very step is deleted;
+    a complete checkpoint there (another line's, or one copied in) is moved aside whole, never deleted."""
+    if not path.exists():
         return
-    oldest_kept = complete[-keep_last]
-    for path in sorted(root.glob("step-*")):
-        if path < oldest_kept:
-            (path / COMPLETE).unlink(missing_ok=True)  # first, so that a kill during the removal leaves it incomplete
-            shutil.rmtree(path, ignore_errors=True)
+    if is_complete(path):
+        target = move_aside([path], path.parent)
+        log.warning("%s was in the way of this run's new checkpoint: moved to %s", path, target)
+    else:
+        shutil.rmtree(path)
 
 
 class Stateful(Protocol):
@@ -280,19 +266,22 @@ class Checkpointer:
 
     def __init__(self, run_dir: Path, rank: int, world_size: int, backend: BackendFiles, parts: dict[str, Stateful],
                  describe: Callable[[], dict[str, Any]], write_model: Callable[[dict[str, Any], Path, int], None],
-                 keep_last: int, barrier: Callable[[], None], hook: Callable[[int], None] | None = None) -> None:
+                 keep_last: int, barrier: Callable[[], None], hook: Callable[[int], None] | None = None,
+                 lineage: dict[str, Any] | None = None, rerun: str = "rerun the same command to resume") -> None:
         self.run_dir, self.rank, self.world_size = run_dir, rank, world_size
         self.backend, self.parts, self.describe, self.write_model = backend, parts, describe, write_model
-        self.keep_last, self.barrier, self.hook = keep_last, barrier, hook
+        self.keep_last, self.barrier, self.hook, self.rerun = keep_last, barrier, hook, rerun
+        self.lineage = lineage or {"run_id": new_id(), "parent": None, "parent_name": None}
+        """The next checkpoint's lineage (rank 0): this run's id and the checkpoint the session continues."""
 
     def save(self, step: int) -> Path:
         path = checkpoint_dir(self.run_dir, step)
         main = self.rank == 0
         try:
             if main:
-                if path.exists():  # a leftover of a run killed while saving this very step
-                    shutil.rmtree(path)
+                clear_the_way(path)
                 (path / "backend").mkdir(parents=True)
+            lineage = {**self.lineage, "id": new_id()}
             self.barrier()
             self.backend.save(path / "backend")
             save_rng(path, self.rank)
@@ -304,14 +293,16 @@ class Checkpointer:
                 parts = {}
                 for name, part in self.parts.items():  # the part named "" sits at the top level
                     parts.update(part.state_dict() if name == "" else {name: part.state_dict()})
-                write_trainer_state(path, {**self.describe(), "world_size": self.world_size, **parts})
+                write_trainer_state(path, {**self.describe(), "world_size": self.world_size, "lineage": lineage,
+                                           **parts})
             self.barrier()
             if main:
                 mark_complete(self.run_dir, path)
         except OSError as e:
             raise self._failed(e, step, path) from e
+        self.lineage = {"run_id": lineage["run_id"], "parent": lineage["id"], "parent_name": path.name}
         if main:
-            prune(self.run_dir, self.keep_last)
+            prune(self.run_dir, self.keep_last, path)
         self.barrier()
         return path
 
@@ -324,7 +315,7 @@ class Checkpointer:
         kept = f"the previous checkpoint {previous} is intact" if previous else "there is no previous checkpoint"
         if isinstance(error, DiskFullError):
             what = f"{error.what} writing {error.path} ({human_bytes(free_bytes(path))} free there)"
-            then = "; free some space and rerun the same command to resume from it"
+            then = f"; free some space and {self.rerun} from it"
         else:
             what, then = f"{error.strerror or error} ({type(error).__name__}, errno {error.errno})", ""
         return CheckpointError(f"could not write the checkpoint of step {step} in {path}: {what}; {kept}{then}")

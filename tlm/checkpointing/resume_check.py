@@ -25,6 +25,7 @@ from data_pipeline.errors import CheckpointError, ConfigError
 IDENTITY_KEYS = ("data.seq_len", "data.pack", "train.seed")
 FREE_KEYS = (
     "name", "train.stop_at", "train.stop_grace_s", "train.device", "checkpoint.resume", "checkpoint.allow_change",
+    "checkpoint.overwrite",
     "checkpoint.keep_last",  # how many old checkpoints stay on disk: no figure depends on it
     "logging.run_dir", "logging.progress", "logging.wandb", "logging.wandb_project", "logging.sample_prompt",
     "data.prefetch", "data.cache_dir", "data.prepared", "data.mix", "data.source", "data.val_source", "data.tokenizer",
@@ -34,8 +35,8 @@ FREE_KEYS = (
     "train.backend", "train.zero_stage",  # checked by the backend rules (a change of backend is refused there)
 )
 TOKENIZER_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
-NEW_RUN = ("start a new run instead (--name=NEW_NAME or --logging.run_dir=NEW_FOLDER, or --checkpoint.resume=none to "
-           "overwrite this one)")
+NEW_RUN = ("start a new run instead (--name=NEW_NAME or --logging.run_dir=NEW_FOLDER, or --checkpoint.resume=none "
+           "--checkpoint.overwrite=true to delete this one)")
 
 
 def flatten_config(tree: dict[str, Any]) -> dict[str, Any]:

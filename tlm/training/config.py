@@ -154,8 +154,16 @@ class CheckpointSection:
     every: int = 500
     """Checkpoint every N steps (0 = only at the end)."""
     keep_last: int = 2
+    """How many checkpoints of the run's current line stay on disk (0 = all); checkpoints a rollback left in
+    checkpoints/abandoned/ are never deleted."""
     resume: str = "auto"
-    """auto: the newest complete checkpoint of the run, if any; none: start afresh; or a checkpoint folder."""
+    """auto: continue the checkpoint RUN/checkpoints/latest names (the first sound one down its line), if any;
+    none: start a new run (refused in a folder that holds one, unless --checkpoint.overwrite=true); or a
+    checkpoint folder: one of this run's (a rollback: the checkpoints after it move to checkpoints/abandoned/)
+    or another folder's (this folder then starts a new run from it)."""
+    overwrite: bool = False
+    """With resume=none or another folder's checkpoint: delete the run this folder holds (its checkpoints,
+    metrics.jsonl, summary.json) and start afresh there."""
     allow_change: Any = None
     """Keys a resumed run may change on purpose, comma-separated (e.g. optim.lr,train.max_steps or schedule.*):
     a resume refuses any change of the saved config (model, data, seq_len and seed never; run length,

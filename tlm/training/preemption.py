@@ -1,4 +1,5 @@
-"""Stopping cleanly on request: SIGUSR1 / SIGTERM (Slurm preemption, time limits), Ctrl-C, or a stop file.
+"""Stopping cleanly on request: SIGUSR1 / SIGTERM (Slurm preemption, time limits), SIGHUP (the terminal or
+ssh session closed), Ctrl-C, or a stop file.
 
 Ctrl-C (SIGINT) is a stop too: the first one finishes the step, writes a checkpoint and the run exits with
 status 130; a second one exits at once (130), without a new checkpoint, the last complete one intact.
@@ -26,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger("tlm")
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)  # SIGHUP: the terminal closed
 INTERRUPTED = "SIGINT"
 
 
@@ -42,7 +43,8 @@ def _say(line: str) -> None:
 class StopRequest:
     """Catches stop signals while installed (`install()` ... `uninstall()`, or as a context manager)."""
 
-    def __init__(self, grace_s: float | None = None) -> None:
+    def __init__(self, grace_s: float | None = None, rerun: str = "rerun the same command to resume") -> None:
+        self.rerun = rerun
         self.reason: str | None = None
         self.interrupts = 0
         self.grace_s = grace_s
@@ -79,7 +81,7 @@ class StopRequest:
             self.interrupts += 1
             if self.interrupts > 1:
                 _say("tlm: interrupted again: stopping now, without a new checkpoint; the last complete checkpoint "
-                     "is intact (rerun the same command to resume from it)")
+                     f"is intact ({self.rerun} from it)")
                 os._exit(130)
         if self.reason is None:
             self._request(name)

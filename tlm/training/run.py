@@ -29,15 +29,16 @@ def run_training(config_path: str | None, overrides: dict[str, Any]) -> int:
     """
     from tlm.training.config import load_config
     from tlm.training.preemption import INTERRUPTED
-    from tlm.training.trainer import shutdown, train
+    from tlm.training.trainer import rerun_hint, shutdown, train
 
     if config_path is None:
         config_path = str(default_recipe())
         log.info("no --config: using %s", config_path)
-    summary = train(load_config(config_path, overrides))
+    config = load_config(config_path, overrides)
+    summary = train(config)
     # The checkpoint is written: a late stop signal (srun forwards USR1 to every task, a second Ctrl-C) must not
     # turn this clean exit into a crash.
-    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     history = summary.pop("history")
     rank0 = int(os.environ.get("RANK", "0")) == 0
@@ -50,6 +51,6 @@ def run_training(config_path: str | None, overrides: dict[str, Any]) -> int:
     if summary["stopped"] == INTERRUPTED:
         if rank0:
             print(f"tlm: interrupted at step {summary['steps']} of {summary['total_steps']}: checkpoint written to "
-                  f"{summary['checkpoint']}; rerun the same command to resume", file=sys.stderr, flush=True)
+                  f"{summary['checkpoint']}; {rerun_hint(config)}", file=sys.stderr, flush=True)
         return 130
     return 0

@@ -27,6 +27,7 @@ from data_pipeline.fileio import atomic_write_json
 from data_pipeline.locks import FolderLock
 from data_pipeline.stream import TokenStream
 from tlm.checkpointing.checkpoints import Checkpointer, ValidationFigures, checkpoint_dir, find_resume, read_trainer_state
+from tlm.checkpointing.lineage import plan_start
 from tlm.checkpointing.model_dir import read_model_meta, save_model_dir
 from tlm.checkpointing.resume_check import check_config, check_data, diff_lines, model_changes
 from tlm.model.transformer import TransformerLM
@@ -65,6 +66,22 @@ def _sample(model_dir: Path, prompt: str, device: torch.device) -> str | None:
     ids = generate(model, [tok.encode(prompt).ids], max_new_tokens=48, temperature=0.8, top_k=50,
                    eos_token_id=model.config.eos_token_id, generator=torch.Generator(device=device).manual_seed(0))[0]
     return prompt + tok.decode(ids)
+
+
+def rerun_hint(config: TrainConfig, at_stop_at: bool = False) -> str:
+    """How to resume this run, for every message that says so: the same command only when it would continue
+    (not with --checkpoint.resume=none or a rollback's path, nor after reaching --train.stop_at)."""
+    changes, again = [], ""
+    resume = config.checkpoint.resume
+    if resume != "auto":
+        changes.append(f"--checkpoint.resume=auto in place of --checkpoint.resume={resume}")
+        again = "start over" if resume == "none" else f"go back to {resume} again"
+    if at_stop_at:
+        changes.append(f"a later --train.stop_at than {config.train.stop_at} (or none)")
+        again = again or "stop there again"
+    if not changes:
+        return "rerun the same command to resume"
+    return f"rerun with {' and '.join(changes)} to resume (the same command would {again})"
 
 
 @dataclass
@@ -152,7 +169,16 @@ class Trainer:
     def _check_resume(self) -> None:
         """Find the checkpoint to resume and prove this run's config may continue it, before any work."""
         config = self.config
-        self.resume = find_resume(self.run_dir, config.checkpoint.resume)
+        self.start, error = None, None
+        if self.info.is_main:  # rank 0 reads the folder's lineage and decides; the others follow its answer
+            try:
+                self.start = plan_start(self.run_dir, config.checkpoint.resume, config.checkpoint.overwrite)
+            except TLMError as e:
+                error = str(e)
+        error, resume = from_rank0((error, self.start.resume if self.start else None))
+        if error:
+            raise RankAgreedError(error)
+        self.resume = resume
         self.state = state = read_trainer_state(self.resume) if self.resume is not None else None
         self.change_log: list[dict[str, Any]] = list(state.get("config_changes", [])) if state else []
         self.changes: dict[str, tuple[Any, Any]] = {}
@@ -191,6 +217,10 @@ class Trainer:
     def _build(self) -> None:
         """Model, backend, stream and checkpointer; then, when resuming, everything restored from the checkpoint."""
         config, info = self.config, self.info
+        if info.is_main:  # every check has passed: a rollback's branch, an overwrite, take effect now
+            self.start.apply()
+        self.resume = from_rank0(self.start.final if info.is_main else None)
+        _barrier()
         universal = prepare_resume(self.resume, self.state, config, info) if self.state is not None else False
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
         self.model = TransformerLM(self.model_config)
@@ -201,7 +231,8 @@ class Trainer:
         self.progress = Progress()
         self.checkpointer = Checkpointer(self.run_dir, info.rank, info.world_size, self.backend,
                                          {"": self.progress, "stream": self.stream}, self._describe, self._write_model,
-                                         config.checkpoint.keep_last, _barrier, self._save_hook)
+                                         config.checkpoint.keep_last, _barrier, self._save_hook,
+                                         self.start.lineage if info.is_main else None, rerun_hint(config))
         self.last_saved, self.consecutive_skips = -1, 0
         self.faults = faults.active()
         self.last_eval: dict[str, float] = {}
@@ -222,6 +253,11 @@ class Trainer:
         self.peak = peak_flops(torch.cuda.get_device_name(info.device)) if info.device.type == "cuda" else None
         self.logger = RunLogger(config.to_dict(), config.name, self.run_dir, info.is_main, config.logging.wandb,
                                 config.logging.wandb_project, config.logging.progress)
+        if info.is_main:  # where this session stands in the folder's lineage (a rollback repeats steps)
+            lineage = self.checkpointer.lineage
+            self.logger.metrics.write({"step": self.step, "session": {
+                "run_id": lineage["run_id"], "resumed_from": lineage["parent_name"],
+                "abandoned": [p.name for p in self.start.abandon]}})
         if self.changes:
             self.logger.record({"step": self.step, "config_change": {k: list(v) for k, v in self.changes.items()}})
             if info.is_main:
@@ -375,7 +411,7 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train to the end (or to train.stop_at, or until asked to stop), then evaluate and checkpoint."""
         info = self.info
-        stop = StopRequest(self.config.train.stop_grace_s).install()  # until the final checkpoint is written, a stop signal only sets a flag
+        stop = StopRequest(self.config.train.stop_grace_s, rerun_hint(self.config)).install()  # until the final checkpoint is written, a stop signal only sets a flag
         try:
             stopped = self._loop(stop)
             if self.state is not None and self.step == self.state["step"]:
@@ -422,8 +458,11 @@ class Trainer:
             stopped = stop.agreed()
             if stopped:
                 if self.info.is_main and stopped != INTERRUPTED:  # Ctrl-C gets one line from the CLI, at the end
-                    log.warning("stopping at step %d (%s); rerun the same command to resume", self.step, stopped)
+                    log.warning("stopping at step %d (%s); %s", self.step, stopped, rerun_hint(config))
                 return stopped
+        if self.step < self.total_steps and self.info.is_main:
+            log.warning("stopped at --train.stop_at=%d (step %d of %d); %s", stop_at, self.step, self.total_steps,
+                        rerun_hint(config, at_stop_at=True))
         return None
 
     def _summary(self, final_path: Path, stopped: str | None) -> dict[str, Any]:
