@@ -194,11 +194,14 @@ def move_aside(paths: list[Path], root: Path) -> Path:
 
 
 def used_by(run_dir: Path) -> list[str]:
-    """What an earlier run left in `run_dir` (empty: nothing; a new run may start there)."""
+    """The checkpoints an earlier run left in `run_dir`, and its files beside them (empty: no checkpoint, a new
+    run may start there; a metrics.jsonl alone, of a run killed before its first checkpoint, is continued)."""
     root = run_dir / "checkpoints"
     found = [e.path.name for e in reversed(step_folders(root))]
     if abandoned_folders(root):
         found.append(f"checkpoints/{ABANDONED}/")
+    if not found:
+        return []
     return found + [n for n in ("metrics.jsonl", "summary.json") if (run_dir / n).is_file()
                     and (run_dir / n).stat().st_size > 0]
 
