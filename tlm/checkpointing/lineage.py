@@ -164,7 +164,8 @@ class Start:
             atomic_write_bytes(root / "latest", (final.name + "\n").encode())  # first: a kill below is tidied later
         if self.abandon:
             target = move_aside(self.abandon, root)
-            log.warning("rollback to %s: moved %s (not on its line) to %s; nothing was deleted", self.resume.name,
+            log.warning("%s %s: moved %s (not on its line) to %s; nothing was deleted",
+                        "switching to" if self.restore else "rollback to", self.resume.name,
                         ", ".join(p.name for p in self.abandon), target)
         for path in self.remove:
             shutil.rmtree(path)
