@@ -197,7 +197,8 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     """trainer.json of a complete checkpoint, validated (TrainerState)."""
     if not is_complete(path):
         raise CheckpointError(f"checkpoint '{path}' is incomplete (no {COMPLETE} marker): it was interrupted while saving")
-    fix = "resume from another checkpoint (--checkpoint.resume=PATH) or start afresh (--checkpoint.resume=none)"
+    fix = ("resume from another checkpoint (--checkpoint.resume=PATH) or start afresh (--checkpoint.resume=none "
+           "--checkpoint.overwrite=true, which deletes this run's checkpoints)")
     data = load_json_text(path / TRAINER, CheckpointError, fix)
     parse(TrainerState, data, str(path / TRAINER), CheckpointError, fix)
     return data

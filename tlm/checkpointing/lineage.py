@@ -264,7 +264,8 @@ def _first_sound(candidates: list[Entry], root: Path) -> Entry | None:
         passed.append(f"{entry.path.name} ({problem})")
     if any("incomplete" not in p for p in passed):
         raise CheckpointError(f"no sound checkpoint in {root}: {'; '.join(passed)}. Nothing was loaded or deleted; "
-                              "restore the files, or start afresh with --checkpoint.resume=none")
+                              "restore the files, or start afresh with --checkpoint.resume=none "
+                              "--checkpoint.overwrite=true (which deletes them)")
     if passed:
         log.warning("no complete checkpoint in %s (%s); starting afresh", root, "; ".join(passed))
     return None
