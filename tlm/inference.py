@@ -39,12 +39,15 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return choices[dtype]
 
 
-def check_int(flag: str, value: Any, low: int | None = None) -> None:
-    """Refuse a flag value that is not an int (a bool, 1e8, a string) or is below `low`."""
+def check_int(flag: str, value: Any, low: int | None = None, below: int | None = None) -> None:
+    """Refuse a flag value that is not an int (a bool, 1e8, a string), is below `low`, or not below `below`."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{flag} must be a whole number, got {value!r}")
     if low is not None and value < low:
         raise ConfigError(f"{flag} must be at least {low}, got {value}")
+    if below is not None and value >= below:
+        bound = f"2**{below.bit_length() - 1}" if below & (below - 1) == 0 else f"{below:,}"
+        raise ConfigError(f"{flag} must be below {bound}, got {value}")
 
 
 def check_number(flag: str, value: Any, low: float | None = None, high: float | None = None,
@@ -81,6 +84,49 @@ def as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_prompt_ids(value: Any) -> list[list[int]]:
+    """--prompt-ids: a list of token ids ([1, 2, 3]), a list of such lists for a batch, or one id; every id a whole
+    number (not a bool, and not 1.5, which would silently become 1)."""
+    if isinstance(value, bool) or not isinstance(value, (list, tuple, int)):
+        raise ConfigError(f"--prompt-ids must be a list of token ids, e.g. '[1, 2, 3]', or a list of such lists for a "
+                          f"batch, got {_shown(value)}")
+    value = [value] if isinstance(value, int) else value
+    if not value:
+        raise ConfigError("--prompt-ids is an empty list: give at least one token id, e.g. '[1, 2, 3]'")
+    rows = value if all(isinstance(v, (list, tuple)) for v in value) else [value]
+    for i, row in enumerate(rows):
+        for token in row:
+            if isinstance(token, bool) or not isinstance(token, int):
+                raise ConfigError(f"--prompt-ids: prompt {i} holds {_shown(token)}, not a token id (a whole number)")
+    return [list(row) for row in rows]
+
+
+def parse_prompts(value: Any) -> list[str]:
+    """--prompt: a text or a non-empty list of texts, each valid UTF-8 (an argument of invalid bytes arrives as
+    lone surrogates, which the tokenizer cannot take)."""
+    texts = [str(p) for p in as_list(value)]
+    if not texts:
+        raise ConfigError("--prompt is an empty list: give a text, or a JSON list of texts")
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            which = "--prompt" if len(texts) == 1 else f"--prompt {i}"
+            try:  # invalid bytes of the command line, kept by Python as surrogate escapes
+                raw = text.encode("utf-8", "surrogateescape")
+                offset = len(text[: e.start].encode("utf-8", "surrogateescape"))
+                where = f"byte 0x{raw[offset]:02x} at offset {offset}"
+            except UnicodeEncodeError:
+                where = f"a lone surrogate U+{ord(text[e.start]):04X} at character {e.start}"
+            raise ConfigError(f"{which} is not valid UTF-8 text ({where}); pass the prompt in UTF-8") from None
+    return texts
+
+
 def complete(checkpoint: str, prompt: Any = None, prompt_ids: Any = None, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, rope_scaling: Any = None,
              tokenizer: str | None = None, device: str = "auto", dtype: str = "auto") -> dict[str, Any]:
@@ -95,7 +141,7 @@ def complete(checkpoint: str, prompt: Any = None, prompt_ids: Any = None, max_ne
     check_number("--temperature", temperature, low=0.0)
     check_int("--top-k", top_k, low=0)
     check_number("--top-p", top_p, low=0.0, high=1.0, low_open=True)
-    check_int("--seed", seed, low=0)
+    check_int("--seed", seed, low=0, below=2**64)  # torch.Generator.manual_seed takes 64 bits
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     meta = read_model_meta(checkpoint)
@@ -107,13 +153,13 @@ def complete(checkpoint: str, prompt: Any = None, prompt_ids: Any = None, max_ne
     tokenizer_dir = tokenizer or (checkpoint if has_tokenizer(checkpoint) else None)
     tok = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
     if prompt_ids is not None:
-        ids = as_list(prompt_ids)
-        batch = [list(map(int, p)) for p in ids] if ids and isinstance(ids[0], (list, tuple)) else [list(map(int, ids))]
+        batch = parse_prompt_ids(prompt_ids)
     elif prompt is not None:
+        texts = parse_prompts(prompt)
         if tok is None:
             raise CheckpointError(f"checkpoint '{checkpoint}' has no tokenizer: pass --tokenizer DIR, or token ids with "
                                   "--prompt_ids")
-        batch = [enc.ids for enc in tok.encode_batch([str(p) for p in as_list(prompt)])]
+        batch = [enc.ids for enc in tok.encode_batch(texts)]
     else:
         raise ConfigError("give --prompt TEXT (or --prompt_ids IDS)")
     for i, ids in enumerate(batch):

@@ -8,6 +8,7 @@ traceback. torch is imported only by the commands that need it.
 
 from __future__ import annotations
 
+import errno
 import inspect
 import logging
 import textwrap
@@ -147,10 +148,36 @@ def _report(error: BaseException, line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _configs(args: list[str]) -> list[str]:
+    """Every `--config FILE` of `tlm train` / `tlm plan` as one `--config=[FILE, ...]`, the file names exactly as
+    typed: fire would keep only the last one, and would read a name such as 2024 or 1e3 as a number. The files
+    compose key by key, a later one overriding an earlier one's keys (tlm.training.config.load_config)."""
+    end = args.index("--") if "--" in args else len(args)
+    kept, files, at = [], [], None
+    i = 0
+    while i < end:
+        arg = args[i]
+        if arg == "--config" and i + 1 < end:
+            value, i = args[i + 1], i + 2
+        elif arg.startswith("--config="):
+            value, i = arg[len("--config="):], i + 1
+        else:
+            kept.append(arg)
+            i += 1
+            continue
+        at = len(kept) if at is None else at
+        files.append(value)
+    if not files:
+        return args
+    return [*kept[:at], f"--config={files!r}", *kept[at:], *args[end:]]
+
+
 def _normalise(args: list[str]) -> list[str]:
     # `tlm tokenizer --from DIR`: "from" cannot name a Python parameter
     if args and args[0] == "tokenizer":
         args = [("--from_dir" + a[len("--from"):]) if a == "--from" or a.startswith("--from=") else a for a in args]
+    if args and args[0] in ("train", "plan"):
+        args = _configs(args)
     # The deepspeed launcher adds --local_rank=N (before the command when run with --module); the rank is also in
     # the environment, so drop the flag wherever it is.
     for arg in [a for a in args if a.split("=")[0] in ("--local_rank", "--local-rank")]:
@@ -189,7 +216,21 @@ def main(argv: list[str] | None = None) -> None:
         _report(e, "tlm: interrupted")
         sys.exit(130)
     except OSError as e:
+        if e.errno in (errno.EMFILE, errno.ENFILE):
+            _report(e, f"tlm: error: {too_many_open_files(e)}")
+            sys.exit(2)
         if not is_disk_full(e):
             raise
         _report(e, f"tlm: error: {disk_full(e, e.filename or Path.cwd())}")
         sys.exit(2)
+
+
+def too_many_open_files(error: OSError) -> str:
+    """The line for EMFILE (this process's open-file limit) or ENFILE (the system's table is full)."""
+    if error.errno == errno.ENFILE:
+        return ("the system's table of open files is full (ENFILE): close other programs, or raise fs.file-max "
+                "(sysctl), and rerun")
+    from tlm.training.run import open_files_limit
+
+    where = f" (opening {error.filename})" if error.filename else ""
+    return f"too many open files{where}: {open_files_limit()}"

@@ -30,9 +30,9 @@ def presets() -> None:
     emit(table)
 
 
-def plan(preset: str | None = None, config: str | None = None, gpus: int = 1, gpu_mem: Any = "80GiB",
+def plan(preset: str | None = None, config: str | list[str] | None = None, gpus: int = 1, gpu_mem: Any = "80GiB",
          seq_len: int | None = None, micro_batch: int | None = None, loss_chunk: int | None = None,
-         margin: float = 0.1) -> None:
+         margin: float = 0.1, max_config_mb: float = 1.0) -> None:
     """Per-GPU memory of each backend / ZeRO stage / checkpointing setting, and the cheapest that fits.
 
     For every setting: parameters, gradients, optimizer states and activations per GPU and whether they fit (a
@@ -43,13 +43,15 @@ def plan(preset: str | None = None, config: str | None = None, gpus: int = 1, gp
 
     Args:
         preset: a model preset (tlm presets lists them); or give --config.
-        config: a training recipe: its model, seq_len, micro-batch and loss_chunk (flags override them).
+        config: a training recipe: its model, seq_len, micro-batch and loss_chunk (flags override them); several
+            compose as in tlm train.
         gpus: GPUs in all (ZeRO and FSDP2 shard over them).
         gpu_mem: memory of one GPU: 80GiB, 141GB, ...
         seq_len: tokens per sequence (default: the recipe's, else 512).
         micro_batch: sequences per GPU per forward (default: the recipe's, else 8).
         loss_chunk: tokens per chunk of the chunked loss (0: all logits at once).
         margin: added to every total for fragmentation and communication buffers (0.1 = 10%).
+        max_config_mb: the most a config file may hold, in MiB.
     """
     from tlm.inference import check_int
     from tlm.model.config import get_preset
@@ -60,7 +62,7 @@ def plan(preset: str | None = None, config: str | None = None, gpus: int = 1, gp
     if config is not None:
         from tlm.training.config import load_config
 
-        recipe = load_config(config, {"model.preset": preset} if preset else None)
+        recipe = load_config(config, {"model.preset": preset} if preset else None, max_config_mb)
         model = recipe.model_config()
         seq_len = seq_len or recipe.data.seq_len
         micro_batch = micro_batch or recipe.batch.micro_batch_size
@@ -226,7 +228,8 @@ def prepare(out: str, data: Any = None, tokenizer: str | None = None, seq_len: i
                          worker_index=worker_index, num_proc=num_proc))
 
 
-def train(config: str | None = None, show_config: bool = False, **overrides: Any) -> None:
+def train(config: str | list[str] | None = None, show_config: bool = False, max_config_mb: float = 1.0,
+          **overrides: Any) -> None:
     """Train a model: one process, or every rank under torchrun / deepspeed / srun.
 
     Without --config: configs/tlm-26m.yaml (the 26M baseline) when a GPU is present, otherwise
@@ -235,8 +238,13 @@ def train(config: str | None = None, show_config: bool = False, **overrides: Any
     with status 130.
 
     Args:
-        config: a YAML recipe (see configs/).
+        config: a YAML recipe (see configs/). Several --config compose key by key: a later file overrides the
+            keys an earlier one set (a key it does not give keeps the earlier value); the run is named after the
+            last file; the --SECTION.KEY flags come last. Recipes are read strictly: UTF-8, no key twice, no YAML
+            aliases, at most --max_config_mb each.
         show_config: print the resolved config (the recipe with every override and default) as YAML and exit.
+        max_config_mb: the most a config file may hold, in MiB (a larger one is refused; 1 MiB is some thousand
+            times a recipe).
         overrides: any config key as --SECTION.KEY=VALUE, e.g. --train.max_steps=100 --batch.micro_batch_size=8
             --train.backend=fsdp2 --model.num_key_value_heads=1 --checkpoint.resume=none --logging.wandb=offline.
     """
@@ -244,11 +252,11 @@ def train(config: str | None = None, show_config: bool = False, **overrides: Any
         from tlm.training.config import load_config, to_yaml
         from tlm.training.run import default_recipe
 
-        print(to_yaml(load_config(config or str(default_recipe()), overrides)), end="")
+        print(to_yaml(load_config(config or str(default_recipe()), overrides, max_config_mb)), end="")
         return
     from tlm.training.run import run_training
 
-    status = run_training(config, overrides)
+    status = run_training(config, overrides, max_config_mb)
     if status:
         sys.exit(status)
 

@@ -81,12 +81,18 @@ def sample_next_token(
     temperature 0 is greedy (argmax). Otherwise logits are divided by the temperature, cut to the
     `top_k` most likely tokens (0 = no cut) and to the smallest set whose probability reaches `top_p`
     (1.0 = no cut; the most likely token always stays), then sampled.
+
+    Any temperature > 0 and top_p in (0, 1] work, however small: the work is done in float64 on logits less
+    their row's largest, so dividing by a tiny temperature gives 0 for the largest and -inf for the rest (no
+    inf - inf = NaN), and a tiny top_p is not rounded to 0 as a float32 would be (which dropped every token).
+    Both then tend to greedy, as they should.
     """
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.double()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

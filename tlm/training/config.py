@@ -3,14 +3,20 @@
 A recipe is a YAML file of sections (`model`, `data`, `optim`, `schedule`, `batch`, `train`, `eval`,
 `checkpoint`, `logging`); `--section.key=value` overrides any field. Every key is checked against the
 dataclasses before anything starts, and the error names the key.
+
+Recipes are read strictly (`read_recipe`): at most `MAX_CONFIG_MB` MiB (`--max_config_mb` raises it), UTF-8 (a
+byte-order mark is fine), no key given twice, no YAML aliases (a few hundred bytes of nested aliases expand
+into billions of values). Several recipes compose key by key, a later file overriding an earlier one's keys.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
 import json
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +34,13 @@ Precision = Literal["bf16", "fp32"]
 WandbMode = Literal["auto", "online", "offline", "disabled"]
 NanPolicy = Literal["skip", "stop", "off"]
 BACKENDS = typing.get_args(Backend)
+MAX_CONFIG_MB = 1.0
+"""The most a config file may hold, in MiB (`tlm train --max_config_mb N` raises it)."""
+MAX_EPOCHS = 1e6
+"""The most `train.epochs` may be: the step count it gives must be a finite whole number."""
+SEED_LIMIT = 2**32
+"""`train.seed` is in [0, 2**32): numpy's seeding takes any such number, torch's 64 bits take it plus the step
+the trainer adds on another world size."""
 
 
 @dataclass
@@ -261,38 +274,121 @@ def _set(config: TrainConfig, dotted: str, value: Any) -> None:
     setattr(section, parts[1], coerce(value, hints[parts[1]], dotted, ConfigError))
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
+def flatten(tree: dict[str, Any], prefix: str = "", where: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and (key in SECTIONS or key == "model") and not prefix:
-            out.update(flatten(value, f"{dotted}."))
+            items = flatten(value, f"{dotted}.", where).items()
         else:
-            out[dotted] = value
+            items = [(dotted, value)]
+        for name, item in items:
+            if name in out:  # `train: {seed: 1}` and `train.seed: 2` in one file
+                raise ConfigError(f"{where or 'config'}: key '{name}' is given twice (as a section's key and as a "
+                                  "dotted key); keep one")
+            out[name] = item
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """A TrainConfig from a YAML recipe (or the defaults) with dotted overrides, validated."""
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: `*name` refers to an `&name` anchor, and a few hundred bytes of
+    aliases of aliases expand into billions of values ("billion laughs"); a recipe has no need of them."""
+
+    recipe = "config file"
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"{self.recipe}, line {event.start_mark.line + 1}: YAML alias '*{event.anchor}' refused: "
+                              "config files may not use anchors and aliases (nested aliases can expand a small file "
+                              "into billions of values); write the values out")
+        return super().compose_node(parent, index)
+
+
+def _refuse_duplicates(node: Any, recipe: str, where: str = "") -> None:
+    """Refuse a key given twice in one mapping (YAML would keep the last one and drop the first silently)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            name = f"{where}.{key.value}" if where else str(key.value)
+            if isinstance(key, yaml.ScalarNode):
+                line = key.start_mark.line + 1
+                if (key.tag, key.value) in seen:
+                    raise ConfigError(f"{recipe}: key '{name}' is given twice (lines {seen[key.tag, key.value]} and "
+                                      f"{line}); YAML would keep the second and drop the first silently; keep one")
+                seen[key.tag, key.value] = line
+            _refuse_duplicates(value, recipe, name)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicates(item, recipe, f"{where}.{i}" if where else str(i))
+
+
+def read_recipe(path: str | Path, max_mb: float = MAX_CONFIG_MB) -> dict[str, Any]:
+    """The sections of a YAML recipe, read strictly: a regular file of at most `max_mb` MiB, UTF-8 (a byte-order
+    mark is fine), no key twice, no aliases. Each refusal is one ConfigError naming the file."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file '{path}' " + ("is not a regular file" if file.exists() else "does not exist"))
+    if isinstance(max_mb, bool) or not isinstance(max_mb, (int, float)) or not 0 < max_mb < math.inf:
+        raise ConfigError(f"--max_config_mb must be a positive number of MiB, got {max_mb!r}")
+    limit = int(max_mb * 2**20)
+    with open(file, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(size + 1) if size <= limit else b""
+    if size > limit or len(data) > limit:
+        raise ConfigError(f"config file '{path}' holds {max(size, len(data)):,} bytes, over {max_mb:g} MiB, the bound "
+                          "on a config file; raise it with --max_config_mb N if it really is a recipe")
+    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = data[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = skip + e.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise ConfigError(f"config file '{path}' is not UTF-8 text: byte 0x{data[offset]:02x} at offset {offset} "
+                          f"(line {line}); save it as UTF-8") from None
+    loader = _StrictLoader(text)
+    loader.recipe = f"config file '{path}'"
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _refuse_duplicates(node, loader.recipe)
+        tree = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    except RecursionError:
+        raise ConfigError(f"config file '{path}' is nested too deeply to be a recipe") from None
+    finally:
+        loader.dispose()
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return tree
+
+
+def load_config(path: str | Path | list[str | Path] | None = None, overrides: dict[str, Any] | None = None,
+                max_mb: float = MAX_CONFIG_MB) -> TrainConfig:
+    """A TrainConfig from YAML recipes (or the defaults) with dotted overrides, validated.
+
+    `path` may be a list of recipes (`tlm train --config A --config B`): they compose key by key, each file
+    overriding the keys an earlier one set (a key it does not give keeps the earlier value); the run is named
+    after the last file unless a file sets `name`. The command-line overrides come last."""
     config = TrainConfig()
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file '{path}' " + ("is not a regular file" if file.exists() else "does not exist"))
-        try:
-            tree = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        config.name = file.stem
-        if "model" in tree:
-            config.model = {}
-        for key, value in flatten(tree).items():
+    paths = list(path) if isinstance(path, (list, tuple)) else [] if path is None else [path]
+    if isinstance(path, (list, tuple)) and not paths:
+        raise ConfigError("--config names no file")
+    if paths:
+        config.name = Path(paths[-1]).stem
+    model_given = False
+    for file in paths:
+        tree = read_recipe(file, max_mb)
+        if "model" in tree and not model_given:  # a recipe's model replaces the default preset, not merges into it
+            config.model, model_given = {}, True
+        for key, value in flatten(tree, where=f"config file '{file}'").items():
             try:
                 _set(config, key, value)
             except ConfigError as e:
-                raise ConfigError(f"{path}: {e}") from None
+                raise ConfigError(f"{file}: {e}") from None
     for key, value in (overrides or {}).items():
         _set(config, key.replace("-", "_"), value)
         config.__dict__.setdefault("_overridden", set()).add(key.replace("-", "_"))  # given on the command line
@@ -302,7 +398,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 def validate(config: TrainConfig) -> None:
     """Refuse impossible settings before anything starts (the model config is built to check it too)."""
-    config.model_config()
+    model = config.model_config()
     t = config.train
     for name in typing.get_type_hints(TrainConfig):  # every value, also those set in code
         section = getattr(config, name)
@@ -320,6 +416,15 @@ def validate(config: TrainConfig) -> None:
     for key, value in positive.items():
         if not value > 0 or value == math.inf:  # NaN fails `> 0` too
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    if t.epochs > MAX_EPOCHS:
+        raise ConfigError(f"config key 'train.epochs' must be at most {MAX_EPOCHS:g}, got {t.epochs:g}; for a run of a "
+                          "given length set train.max_steps")
+    if not 0 <= t.seed < SEED_LIMIT:
+        raise ConfigError(f"config key 'train.seed' must be in [0, 2**32), got {t.seed}")
+    if config.data.seq_len > model.max_position_embeddings:
+        raise ConfigError(f"data.seq_len {config.data.seq_len} exceeds the model's context of "
+                          f"{model.max_position_embeddings} (model.max_position_embeddings); raise it with "
+                          f"--model.max_position_embeddings={config.data.seq_len}, or train shorter rows")
     o = config.optim
     non_negative = {"optim.weight_decay": o.weight_decay, "optim.grad_clip": o.grad_clip, "optim.eps": o.eps,
                     "schedule.warmup_steps": config.schedule.warmup_steps, "eval.every": config.eval.every,

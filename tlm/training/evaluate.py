@@ -18,7 +18,7 @@ from data_pipeline.dataset import TokenRows, check_compatible, check_token_range
 from data_pipeline.stream import make_batch
 from tlm.training.backends import DistInfo
 from tlm.checkpointing.model_dir import load_model_dir
-from data_pipeline.errors import CheckpointError
+from data_pipeline.errors import CheckpointError, ConfigError
 from tlm.model.transformer import TransformerLM
 
 
@@ -185,6 +185,7 @@ def evaluate_checkpoint(checkpoint: str, data: Any, seq_len: int | None = None, 
     split) or on raw text (tokenized with the checkpoint's own tokenizer): loss, perplexity, bits per byte."""
     device = device or torch.device("cpu")
     runner, vocab_size, trained_len, eot_token = _load_model(checkpoint, device)
+    context = getattr(runner.model.config, "max_position_embeddings", None)
     model_tokenizer = Path(checkpoint) / "tokenizer.json"
     with tempfile.TemporaryDirectory(prefix="tlm-eval-") as tmp:
         if isinstance(data, (str, Path)) and (Path(data) / "manifest.json").is_file():
@@ -196,6 +197,10 @@ def evaluate_checkpoint(checkpoint: str, data: Any, seq_len: int | None = None, 
 
                 sha = tokenizer_sha256(checkpoint)
             check_compatible(manifest, vocab_size, manifest["seq_len"], sha, where=str(folder))
+            if context and manifest["seq_len"] > context:
+                raise ConfigError(f"{folder} holds rows of seq_len {manifest['seq_len']}, past the model's context of "
+                                  f"{context} (max_position_embeddings of {checkpoint}); evaluate raw text with "
+                                  f"--seq-len {context} or less, or prepare it again with tlm prepare --seq-len {context}")
             split = split or ("val" if manifest["splits"]["val"]["rows"] else "train")
         else:
             if not model_tokenizer.is_file():
@@ -205,7 +210,10 @@ def evaluate_checkpoint(checkpoint: str, data: Any, seq_len: int | None = None, 
 
             # Raw text is cut into rows of the length the model was trained at (512 when the folder predates
             # that record), not a fixed 512 that a model trained at 64 has never seen.
-            seq_len = seq_len or trained_len or 512
+            seq_len = seq_len or min(trained_len or 512, context or 512)
+            if context and seq_len > context:
+                raise ConfigError(f"--seq-len {seq_len} exceeds the model's context of {context} (max_position_embeddings "
+                                  f"of {checkpoint}); give --seq-len {context} or less")
             folder = Path(tmp) / "data"
             sources = [str(d) for d in data] if isinstance(data, (list, tuple)) else [str(data)]
             prepare(PrepareConfig(data=sources, tokenizer=str(checkpoint), out=str(folder), seq_len=seq_len, val=0.0,
