@@ -6,6 +6,10 @@ kill -9), so a lock left by a dead process never blocks a rerun and there is not
 holds the holder's host, pid, start time and command, for the message the next process prints. Taking a lock
 this process already holds (the ablation runner claims a run, then trains it) only counts up.
 
+A folder that is replaced as a whole (`fileio.replace_folder`) is locked through a file beside it
+(`FolderLock(folder, file=PARENT/.NAME.lock)`), which works before the folder exists and is not swapped away with
+it; that file is removed when released, and a process that locked a file removed under it locks again.
+
 Shared filesystems: on NFS, Linux turns flock into a POSIX lock the server arbitrates, so it holds across
 nodes (a crashed node's lock is freed when its lease expires, about 90 s on NFSv4). On Lustre it holds across
 nodes when clients mount with `-o flock`; with `-o localflock` only within one node; without either, locking
@@ -45,22 +49,32 @@ def describe_holder(text: str) -> str:
         return "a process that is still starting (no holder details yet)"
 
 
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
 class FolderLock:
     """`with FolderLock(folder, "run folder", wait=False): ...` or `.acquire()` / `.release()`."""
 
     def __init__(self, folder: str | os.PathLike, what: str = "folder", wait: bool = False,
-                 hint: str = "wait for it to finish, stop it, or choose another folder") -> None:
+                 hint: str = "wait for it to finish, stop it, or choose another folder",
+                 file: str | os.PathLike | None = None) -> None:
         self.folder = Path(folder)
         self.what, self.wait, self.hint = what, wait, hint
+        self.file = Path(file) if file is not None else None  # a lock file beside the folder, removed on release
         self.fd: int | None = None
         self.depth = 0
 
     @property
     def path(self) -> Path:
-        return self.folder / LOCK_NAME
+        return self.file if self.file is not None else self.folder / LOCK_NAME
 
     def acquire(self) -> "FolderLock":
-        key = self.folder.resolve()
+        key = self.path.parent.resolve() / self.path.name
         outer = _held.get(key)
         if outer is not None:  # this process holds it already (e.g. the ablation runner, then the trainer)
             outer.depth += 1
@@ -68,8 +82,8 @@ class FolderLock:
             return self
         self._outer = None
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = self._open_locked()
         except PermissionError as e:
             raise TLMError(f"{self.what} '{self.folder}' is not writable ({e.strerror}): tlm must write there; "
                            "fix its permissions or choose another folder") from None
@@ -78,18 +92,26 @@ class FolderLock:
                 raise TLMError(f"{self.what} '{self.folder}' is on a read-only filesystem: tlm must write there; "
                                "choose another folder") from None
             raise
-        try:
-            self._lock(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.fd, self.depth = fd, 1
+        self.fd, self.depth, self._key = fd, 1, key
         _held[key] = self
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
                 "command": " ".join(["tlm", *sys.argv[1:]])[:300]}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         return self
+
+    def _open_locked(self) -> int:
+        """The lock file, open and locked by this process."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                self._lock(fd)
+                if self.file is None or _same_file(fd, self.path):
+                    return fd
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # its holder removed that file as it released it: lock the one there now
 
     def _lock(self, fd: int) -> None:
         announced = False
@@ -123,9 +145,12 @@ class FolderLock:
         self.depth -= 1
         if self.depth > 0:
             return
-        _held.pop(self.folder.resolve(), None)
+        _held.pop(self._key, None)
         try:
-            os.ftruncate(self.fd, 0)
+            if self.file is not None:
+                self.file.unlink(missing_ok=True)  # still held: a process waiting on it sees it gone and locks afresh
+            else:
+                os.ftruncate(self.fd, 0)
         except OSError:
             pass
         os.close(self.fd)  # closing drops the flock

@@ -3,11 +3,18 @@
 tlm's parameter names are Llama's, so the export is a rename (`X` -> `model.X`, `lm_head` kept) plus a
 `config.json`. Architectures Llama cannot express are refused: they would load without error in
 transformers and silently compute something else.
+
+The folder is built beside OUT and swapped in whole under a lock (data_pipeline.fileio.replace_folder): an export
+over an earlier one keeps nothing of it (no stale tokenizer), two exports into one folder never mix (the second
+is refused, naming the first), and a kill leaves the earlier export whole. A folder that holds anything an export
+does not write is replaced only with --overwrite.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +23,13 @@ from safetensors.torch import save_file
 
 from tlm.checkpointing.model_dir import CONFIG_NAME, load_config, read_weights
 from tlm.model.config import ModelConfig
+from tlm.training import faults
 from data_pipeline.errors import ExportError
-from data_pipeline.fileio import atomic_write_json, fsync_path, honour_umask
-from data_pipeline.tokenizer_files import copy_tokenizer_files, has_tokenizer
+from data_pipeline.fileio import atomic_write_json, honour_umask, replace_folder, unknown_entries
+from data_pipeline.tokenizer_files import TOKENIZER_FILES, copy_tokenizer_files, has_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", *TOKENIZER_FILES)
 
 
 def llama_incompatibilities(config: ModelConfig) -> list[str]:
@@ -81,8 +90,10 @@ def hf_config(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
     }
 
 
-def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32") -> Path:
-    """Write `checkpoint` (a tlm model directory) as a folder that `AutoModelForCausalLM` loads."""
+def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32",
+              overwrite: bool = False) -> Path:
+    """Write `checkpoint` (a tlm model directory) as a folder that `AutoModelForCausalLM` loads; an earlier export
+    there is replaced whole (see the module's docstring)."""
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     config = load_config(checkpoint)
@@ -92,20 +103,46 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, dtype: 
             "cannot export as LlamaForCausalLM: " + "; ".join(reasons) + ". Keep using the tlm model directory for this variant."
         )
     out = Path(out_dir)
-    if (out / CONFIG_NAME).exists():
-        raise ExportError(f"'{out}' holds a tlm model directory; export to another folder so that it is not overwritten")
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out(Path(checkpoint), out, overwrite)
     weights = {hf_name(name): t.to(DTYPES[dtype]).contiguous() for name, t in read_weights(checkpoint, config).items()}
-    tmp = out / ".model.safetensors.tmp"
-    save_file(weights, str(tmp), metadata={"format": "pt"})
-    honour_umask(tmp)
-    fsync_path(tmp)
-    os.replace(tmp, out / "model.safetensors")
-    if has_tokenizer(checkpoint):
-        copy_tokenizer_files(Path(checkpoint), out)
     generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(config, k) is not None}
-    if generation:
-        atomic_write_json(out / "generation_config.json", generation)
-    # config.json last: a folder without it is visibly incomplete, never half-loadable.
-    atomic_write_json(out / "config.json", hf_config(config, dtype))
+    with replace_folder(out, "export folder", hint="wait for that export to finish, or choose another --out") as tmp:
+        _check_out(Path(checkpoint), out, overwrite)  # again, now that it is locked
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        honour_umask(tmp / "model.safetensors")
+        _fault_point()
+        if has_tokenizer(checkpoint):
+            copy_tokenizer_files(Path(checkpoint), tmp)
+        if generation:
+            atomic_write_json(tmp / "generation_config.json", generation)
+        atomic_write_json(tmp / "config.json", hf_config(config, dtype))
     return out
+
+
+def _check_out(checkpoint: Path, out: Path, overwrite: bool) -> None:
+    """OUT may be new, empty or an earlier export; anything else only with --overwrite; a tlm model never."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"--out '{out}' is a file; it must be a folder")
+    if (out / CONFIG_NAME).exists():
+        raise ExportError(f"'{out}' holds a tlm model directory; export to another folder so that it is not "
+                          "overwritten")
+    if out.resolve() in checkpoint.resolve().parents:
+        raise ExportError(f"'{out}' holds the checkpoint being exported ({checkpoint}); export to another folder")
+    unknown = unknown_entries(out, EXPORT_FILES)
+    if unknown and not overwrite:
+        shown = ", ".join(unknown[:4]) + (f" and {len(unknown) - 4} more" if len(unknown) > 4 else "")
+        raise ExportError(f"'{out}' holds files an export does not write ({shown}): tlm export replaces its folder "
+                          "whole; choose a new or empty folder, or pass --overwrite to replace it and everything in it")
+
+
+def _fault_point() -> None:
+    """TLM_FAULT=kill_in_export@any / stall_in_export@any: a kill, or a minute's stall, half-way through the export
+    (the weights written, the rest not) -- for the tests of a kill and of a second export racing this one."""
+    active = faults.active()
+    if faults.hit(active, "kill_in_export", 0, 0):
+        faults.kill_self("in the middle of an export")
+    if faults.hit(active, "stall_in_export", 0, 0):
+        logging.getLogger("tlm").warning("fault injection: stalling the export for 60 s")
+        time.sleep(60)

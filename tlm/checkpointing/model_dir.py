@@ -5,9 +5,10 @@
       model.safetensors   weights under the model's own names (tied lm_head stored once)
       tokenizer.json ...  the tokenizer files, when the model has a tokenizer
 
-Files are written aside and renamed into place (weights first, config last), so a crash never leaves
-a config that points at half-written weights. Loading checks the config's keys and every tensor's
-name and shape, and names the first that disagrees.
+The folder is built whole beside its final name and swapped in (data_pipeline.fileio.replace_folder), so a
+crash never leaves a config that points at half-written weights, and a folder written over an older one
+keeps nothing of it (no stale tokenizer). Loading checks the config's keys and every tensor's name, shape
+and dtype (floating point), and names the first that disagrees.
 """
 
 from __future__ import annotations
@@ -22,16 +23,21 @@ from safetensors.torch import save_file
 
 import tlm
 from tlm.model.config import ModelConfig
-from data_pipeline.errors import CheckpointError, ConfigError, TLMError
-from data_pipeline.fileio import atomic_write_json, disk_full, fsync_path, honour_umask, is_disk_full, temp_path_beside
+from data_pipeline.errors import CheckpointError, ConfigError
+from data_pipeline.fileio import atomic_write_json, honour_umask, replace_folder, unknown_entries
 from data_pipeline.schema import Field, NonNegInt, PosInt, Schema, StrictInt, load_json_text, parse
 from tlm.model.transformer import TransformerLM
-from data_pipeline.tokenizer_files import copy_tokenizer_files
+from data_pipeline.tokenizer_files import TOKENIZER_FILES, copy_tokenizer_files, has_tokenizer
 
 CONFIG_NAME = "tlm_config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "tlm-model"
 FORMAT_VERSION = 1
+MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME, *TOKENIZER_FILES)
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of the dtypes weights may have
+_DTYPE_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
+                "U32": "uint32", "I64": "int64", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+                "C64": "complex64"}  # the others, as torch names them
 
 
 class ModelDirMeta(Schema):
@@ -69,23 +75,28 @@ def save_model_dir(
     tokenizer_dir: str | os.PathLike | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `model` (and tokenizer files, when given) as a tlm model directory; return its path."""
+    """Write `model` (and tokenizer files, when given) as a tlm model directory; return its path. The folder is
+    built beside `out_dir` and swapped in whole: whatever `out_dir` held before is replaced, never mixed with."""
     out = Path(out_dir)
-    if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != out.resolve():
-        copy_tokenizer_files(Path(tokenizer_dir), out)  # checks the folder before anything is written
-    out.mkdir(parents=True, exist_ok=True)
-    state = weights_for_save(model)
-    tmp = temp_path_beside(out / WEIGHTS_NAME)
-    try:
-        save_file(state, str(tmp), metadata={"format": "pt", "tlm_format": FORMAT, "tlm_format_version": str(FORMAT_VERSION)})
-        honour_umask(tmp)
-        fsync_path(tmp)
-        os.replace(tmp, out / WEIGHTS_NAME)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if is_disk_full(e) and not isinstance(e, TLMError):
-            raise disk_full(e, out / WEIGHTS_NAME) from e
-        raise
+    _check_tokenizer_dir(tokenizer_dir)
+    with replace_folder(out, "model folder") as tmp:
+        write_model_files(model, tmp, tokenizer_dir, extra)
+    return out
+
+
+def _check_tokenizer_dir(tokenizer_dir: str | os.PathLike | None) -> None:
+    if tokenizer_dir is not None and not has_tokenizer(tokenizer_dir):
+        raise CheckpointError(f"tokenizer folder '{tokenizer_dir}' has no tokenizer.json")
+
+
+def write_model_files(model: TransformerLM, folder: Path, tokenizer_dir: str | os.PathLike | None = None,
+                      extra: dict[str, Any] | None = None) -> None:
+    """The files of a model directory, into `folder` (the temporary folder of `replace_folder`)."""
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(Path(tokenizer_dir), folder)  # from the old folder itself, when it is the target
+    save_file(weights_for_save(model), str(folder / WEIGHTS_NAME),
+              metadata={"format": "pt", "tlm_format": FORMAT, "tlm_format_version": str(FORMAT_VERSION)})
+    honour_umask(folder / WEIGHTS_NAME)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -94,8 +105,7 @@ def save_model_dir(
         "model": model.config.to_dict(),
         **(extra or {}),
     }
-    atomic_write_json(out / CONFIG_NAME, meta)
-    return out
+    atomic_write_json(folder / CONFIG_NAME, meta)
 
 
 def read_model_meta(model_dir: str | os.PathLike) -> dict[str, Any]:
@@ -143,6 +153,13 @@ def read_weights(model_dir: str | os.PathLike, config: ModelConfig) -> dict[str,
     try:
         with safe_open(str(weights_path), framework="pt") as f:
             found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+            for name in f.keys():
+                dtype = f.get_slice(name).get_dtype()
+                if dtype not in FLOAT_DTYPES:
+                    raise CheckpointError(
+                        f"{weights_path}: tensor '{name}' has dtype {_DTYPE_NAMES.get(dtype, dtype)}, not a floating "
+                        "point type (float32, bfloat16, float16): these are not weights tlm wrote; use another "
+                        "checkpoint")
             for name, shape in expected.items():
                 if name not in found:
                     raise CheckpointError(f"{weights_path}: tensor '{name}' is missing (the config expects shape {shape})")
@@ -217,10 +234,31 @@ def init_model_dir(out: str, preset: str = "tlm-26m", tokenizer: str | None = No
     if tok is not None and tok.get_vocab_size() > config.vocab_size:
         raise ConfigError(f"tokenizer '{tokenizer}' has {tok.get_vocab_size()} tokens but vocab_size is {config.vocab_size}")
     out_path = Path(out)
-    if (out_path / CONFIG_NAME).exists() and not overwrite:
-        raise CheckpointError(f"'{out}' already holds a model; pass --overwrite to replace it")
-    torch.manual_seed(seed)
-    model = TransformerLM(config)
-    save_model_dir(model, out_path, tokenizer_dir=tokenizer, extra={"init": {"preset": preset, "seed": seed}})
+    _check_init_target(out_path, overwrite, tokenizer)
+    with replace_folder(out_path, "model folder", hint="wait for it to finish, or choose another --out") as tmp:
+        _check_init_target(out_path, overwrite, tokenizer)  # again, now that it is locked
+        torch.manual_seed(seed)
+        model = TransformerLM(config)
+        write_model_files(model, tmp, tokenizer, {"init": {"preset": preset, "seed": seed}})
     logging.getLogger("tlm").info("wrote %s: preset %s, %s parameters", out, preset, f"{model.num_parameters():,}")
     return {"out": str(out_path), "preset": preset, "num_parameters": model.num_parameters(), "config": config.to_dict()}
+
+
+def _check_init_target(out: Path, overwrite: bool, tokenizer: str | None) -> None:
+    """`tlm init` replaces its folder whole: a model (only with --overwrite), an empty folder, the folder of the
+    --tokenizer itself (its files are copied in); never, without --overwrite, a folder holding anything else."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CheckpointError(f"'{out}' is a file; --out must be a folder")
+    if overwrite:
+        return
+    if (out / CONFIG_NAME).exists():
+        raise CheckpointError(f"'{out}' already holds a model; pass --overwrite to replace it")
+    own_tokenizer = tokenizer is not None and Path(tokenizer).resolve() == out.resolve()
+    unknown = unknown_entries(out, MODEL_FILES if own_tokenizer else (WEIGHTS_NAME,))
+    if unknown:
+        shown = ", ".join(unknown[:4]) + (f" and {len(unknown) - 4} more" if len(unknown) > 4 else "")
+        raise CheckpointError(f"'{out}' is not empty and not a model folder (it holds {shown}): tlm init replaces its "
+                              "folder whole; choose a new or empty folder, or pass --overwrite to replace it and "
+                              "everything in it")

@@ -98,7 +98,7 @@ def init(out: str, preset: str = "tlm-26m", tokenizer: str | None = None, seed: 
         tokenizer: a folder holding tokenizer.json; its files are copied in and its special token ids
             (bos/eos/pad) fill the config unless given.
         seed: seed of the weight initialisation.
-        overwrite: replace an existing model directory at OUT.
+        overwrite: replace an existing model directory at OUT (or a folder holding other files: they are deleted).
         overrides: any model config field as --FIELD=VALUE, e.g. --num_key_value_heads=1 --norm=layernorm
             --norm_position=post --position_embedding=nope --mlp=silu --rope_scaling=yarn:4:512.
     """
@@ -353,19 +353,21 @@ def eval(checkpoint: str, data: Any, seq_len: int | None = None, split: str | No
     emit(result)
 
 
-def export(checkpoint: str, out: str, dtype: str = "float32") -> None:
+def export(checkpoint: str, out: str, dtype: str = "float32", overwrite: bool = False) -> None:
     """Write a Hugging Face LlamaForCausalLM folder (config.json, safetensors, tokenizer files).
 
     Args:
         checkpoint: a tlm model directory.
-        out: the folder to write; AutoModelForCausalLM.from_pretrained(OUT) loads it.
+        out: the folder to write; AutoModelForCausalLM.from_pretrained(OUT) loads it. An earlier export there is
+            replaced whole (built beside it, then swapped in).
         dtype: weight dtype in the export: float32, bfloat16 or float16.
+        overwrite: replace OUT even when it holds files an export does not write (they are deleted).
     """
     import logging
 
     from tlm.checkpointing.export import export_hf
 
-    path = export_hf(checkpoint, out, dtype=dtype)
+    path = export_hf(checkpoint, out, dtype=dtype, overwrite=overwrite)
     files = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
     logging.getLogger("tlm").info("exported %s -> %s (%s)", checkpoint, out, ", ".join(files))
     emit({"out": str(path), "files": files, "architecture": "LlamaForCausalLM"})

@@ -17,8 +17,10 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from data_pipeline.errors import ConfigError
-from data_pipeline.fileio import atomic_write_bytes
+from data_pipeline.fileio import atomic_write_bytes, atomic_write_json, replace_folder
 from tlm.model.transformer import TransformerLM
 from tlm.training.optim import adamw, param_groups
 from tlm.training.config import TrainConfig
@@ -287,17 +289,61 @@ class DeepSpeedBackend(Backend):
         return state if self.info.is_main else None
 
 
+UNIVERSAL_CONVERTER = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal"]
+CONVERTED = "CONVERTED"  # written into the universal folder once the converter has exited 0
+
+
 def convert_to_universal(path: Path) -> None:
-    """DeepSpeed's universal checkpoint of `path/deepspeed`, for loading on another world size (rank 0)."""
+    """DeepSpeed's universal checkpoint of `path/deepspeed`, for loading on another world size (rank 0).
+
+    The converter writes into a temporary folder beside `path/deepspeed_universal`, which is swapped in with a
+    CONVERTED marker only when it exited 0 (`replace_folder`); a conversion folder without the marker (one made
+    by an older tlm, or by hand) is redone, and a leftover temporary one is deleted. The converter and its pool
+    of workers run in their own session, killed as a group when tlm is interrupted or dies (`run_as_group`)."""
     target = path / f"{DS_TAG}_universal"
-    if (target / "zero").is_dir():
+    if (target / CONVERTED).is_file():
         return
     log.info("converting %s to a universal checkpoint for a new world size", path)
-    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path / DS_TAG),
-               "--output_folder", str(target), "--inject_missing_state"]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"ds_to_universal failed on {path}:\n{result.stderr[-2000:]}")
+    with replace_folder(target, "universal checkpoint folder") as tmp:
+        command = [*UNIVERSAL_CONVERTER, "--input_folder", str(path / DS_TAG), "--output_folder", str(tmp),
+                   "--inject_missing_state"]
+        code, output = run_as_group(command)
+        if code != 0:
+            raise RuntimeError(f"ds_to_universal failed on {path} (exit status {code}):\n{output[-2000:]}")
+        atomic_write_json(tmp / CONVERTED, {"converted_from": DS_TAG, "exit_status": code})
+    if (path / "latest_universal").is_file():  # the converter names its output folder there: the temporary name
+        atomic_write_bytes(path / "latest_universal", target.name.encode())
+
+
+# The parent of a command run by run_as_group: the leader of the command's session, which kills the whole
+# session (the command and every process it started) when tlm is gone -- even by SIGKILL, which no handler in
+# tlm can catch: it notices within 0.2 s that its parent has changed.
+_WATCHDOG = """
+import os, signal, subprocess, sys, time
+tlm, child = int(sys.argv[1]), subprocess.Popen(sys.argv[2:])
+while child.poll() is None:
+    if os.getppid() != tlm:
+        os.killpg(0, signal.SIGKILL)
+    time.sleep(0.2)
+sys.exit(child.returncode)
+"""
+
+
+def run_as_group(command: list[str]) -> tuple[int, str]:
+    """Run `command` in its own session and return (exit status, its stdout and stderr). No process of it outlives
+    this call: whatever is left of the session when the command exits, or when tlm is interrupted (Ctrl-C, an
+    exception) or killed, is SIGKILLed as a group."""
+    with tempfile.TemporaryFile() as output:  # not a pipe: a stray worker holding it open cannot hang the read
+        proc = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), *command], stdout=output,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            code = proc.wait()
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        output.seek(0)
+        return code, output.read().decode("utf-8", "replace")
 
 
 class FSDP2Backend(Backend):

@@ -7,6 +7,8 @@
     TLM_FAULT="kill@5"                SIGKILL every rank as step 5 begins
     TLM_FAULT="stall_in_save@any"     sleep 60 s inside every checkpoint write (before COMPLETE): a slow disk,
                                       for the tests of a second Ctrl-C and of the stop grace period
+    TLM_FAULT="kill_in_export@any"    SIGKILL `tlm export` half-way (its weights written beside OUT, the rest not)
+    TLM_FAULT="stall_in_export@any"   sleep 60 s at that point, holding OUT's lock (for a second export racing it)
 
 Items are comma-separated. Nothing here runs in a normal run: `active()` is an empty dict without the
 variable, and each hook is one dictionary lookup.
@@ -19,7 +21,7 @@ import os
 import signal
 
 log = logging.getLogger("tlm")
-KINDS = ("nan", "kill", "kill_in_save", "stall_in_save")
+KINDS = ("nan", "kill", "kill_in_save", "stall_in_save", "kill_in_export", "stall_in_export")
 ANY = -1
 
 
