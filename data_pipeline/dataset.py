@@ -1,7 +1,15 @@
-"""Reading a prepared dataset: the manifest, its checks, and memory-mapped rows with one global index."""
+"""Reading a prepared dataset: the manifest, its checks, and rows with one global index.
+
+Rows are read with pread(2) from the shard files, not through a memory map: a shard truncated or rewritten
+while a run reads it (a prepare --overwrite of another version, a copy over it) is then a short read or a
+changed size, reported in one line naming the shard, instead of a SIGBUS that kills the process without a word.
+Only the shards' Arrow metadata (schemas, where each record batch lies) is read through a map, once, at open.
+The page cache serves the reads as it served the map; each read of a batch costs one system call per row.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +38,11 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
     if root.exists() and not root.is_dir():
         raise DataError(f"'{root}' is not a prepared dataset folder (it is a file)")
     if not file.exists():
-        if (root / ".prepare-journal.jsonl").exists():
-            raise DataError(f"'{root}' holds an unfinished `tlm prepare` (no manifest.json yet); rerun it to complete it")
-        if list(root.glob("worker-*-of-*")):
+        partial = root.absolute().with_name(root.absolute().name + ".partial")
+        if (partial / ".prepare-journal.jsonl").exists() or (root / ".prepare-journal.jsonl").exists():
+            raise DataError(f"'{root}' holds no dataset yet: an unfinished `tlm prepare` is making it in {partial.name}; "
+                            "rerun that prepare to complete it")
+        if root.is_dir() and list(root.glob("worker-*-of-*")):
             raise DataError(f"'{root}' holds worker outputs but no merged manifest; run `tlm prepare --merge --out {root}`")
         raise DataError(f"'{root}' is not a prepared dataset: {MANIFEST} is missing")
     data = load_json_text(file, DataError, FIX)
@@ -73,8 +83,51 @@ def check_token_range(rows: "TokenRows", vocab_size: int) -> None:
                             f"ids (0..{vocab_size - 1}); prepare the data with the model's tokenizer or raise model.vocab_size")
 
 
+class _Shard:
+    """One shard, open for pread: where its record batches' rows lie in the file, its size when checked."""
+
+    def __init__(self, file: Path, row_bytes: int, offsets: list[int], counts: list[int]) -> None:
+        self.file = file
+        self.row_bytes = row_bytes
+        self.fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.size = os.fstat(self.fd).st_size
+        self.offsets = np.array(offsets, dtype=np.int64)  # file offset of each record batch's first row
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # first row of each batch
+
+    def changed(self) -> str | None:
+        """How the file changed since it was checked (its size), or None."""
+        size = os.fstat(self.fd).st_size
+        return None if size == self.size else f"{self.size} bytes when checked, {size} now"
+
+    def where(self, local: int) -> int:
+        batch = int(np.searchsorted(self.starts, local, side="right")) - 1
+        return int(self.offsets[batch]) + (local - int(self.starts[batch])) * self.row_bytes
+
+    def read_into(self, target: np.ndarray, offset: int) -> None:
+        """Fill `target` (C-contiguous) from the file at `offset`; a short read is a shard cut under the run."""
+        view = memoryview(target).cast("B")
+        done = 0
+        while done < len(view):
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n == 0:
+                break
+            done += n
+        if done != len(view):
+            raise DataError(f"{self.file}: changed while this process read it (a row at byte {offset} lies past its "
+                            f"end: {self.changed() or 'its size is unchanged'}): {CHANGED}")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+CHANGED = ("a shard must not be truncated or rewritten while a run reads its folder (a `tlm prepare --overwrite` "
+           "replaces the folder whole instead); rerun once it is settled (training resumes from its last checkpoint)")
+
+
 class TokenRows:
-    """All rows of one split, memory-mapped, addressed by one global row index."""
+    """All rows of one split, read from the shards on demand, addressed by one global row index."""
 
     def __init__(self, path: str | Path, split: str = "train", verify: str = "sha256") -> None:
         if verify not in ("sha256", "size", "none"):
@@ -89,98 +142,159 @@ class TokenRows:
         self.seq_len = self.manifest["seq_len"]
         self.pack = self.manifest["mode"] == "pack"
         self.pad_token_id = self.manifest["tokenizer"]["pad_token_id"]
-        self._batches: list[list[np.ndarray]] = []  # per shard: per record batch, a (rows, row_length) view
-        self._lengths: list[list[np.ndarray]] = []
+        self.dtype = np.dtype(self.manifest["dtype"])
+        self.row_bytes = self.row_length * self.dtype.itemsize
+        self._shards: list[_Shard] = []
+        self._lengths: list[np.ndarray] = []  # no-pack: each shard's row lengths, in memory (4 bytes a row)
         starts = [0]
         self.max_token_ids: dict[str, int] = {}
-        self.dtype = np.dtype(self.manifest["dtype"])
-        for shard in info["shards"]:
-            try:
-                file = inside(self.root, shard["file"])
-            except ValueError as e:
-                raise DataError(f"{self.root / MANIFEST}: shard {e}; {FIX}") from None
-            if not file.is_file():
-                raise DataError(f"{self.root}: shard {shard['file']} named in the manifest is missing; {FIX}")
-            if verify != "none" and file.stat().st_size != shard["bytes"]:
-                raise DataError(f"{file}: {file.stat().st_size} bytes, the manifest says {shard['bytes']}: "
-                                f"the shard is truncated or was replaced; {FIX}")
-            if verify == "sha256" and sha256_file(file) != shard["sha256"]:
-                raise DataError(f"{file}: sha256 differs from the manifest: the shard is corrupt or was modified; {FIX}")
-            batches, lengths = self._map(file)
-            if sum(len(b) for b in batches) != shard["rows"]:
-                raise DataError(f"{file}: holds {sum(len(b) for b in batches)} rows, the manifest says {shard['rows']}; {FIX}")
-            self._check_values(file, shard, batches, lengths, verify)
-            self._batches.append(batches)
-            self._lengths.append(lengths)
-            starts.append(starts[-1] + shard["rows"])
+        try:
+            for shard in info["shards"]:
+                try:
+                    file = inside(self.root, shard["file"])
+                except ValueError as e:
+                    raise DataError(f"{self.root / MANIFEST}: shard {e}; {FIX}") from None
+                if not file.is_file():
+                    raise DataError(f"{self.root}: shard {shard['file']} named in the manifest is missing; {FIX}")
+                if verify != "none" and file.stat().st_size != shard["bytes"]:
+                    raise DataError(f"{file}: {file.stat().st_size} bytes, the manifest says {shard['bytes']}: "
+                                    f"the shard is truncated or was replaced; {FIX}")
+                if verify == "sha256" and sha256_file(file) != shard["sha256"]:
+                    raise DataError(f"{file}: sha256 differs from the manifest: the shard is corrupt or was modified; {FIX}")
+                opened, lengths_at = self._open(file)
+                self._shards.append(opened)
+                if int(opened.starts[-1]) != shard["rows"]:
+                    raise DataError(f"{file}: holds {int(opened.starts[-1])} rows, the manifest says {shard['rows']}; {FIX}")
+                lengths = np.empty(0, dtype=np.int32)
+                if not self.pack:
+                    lengths = np.empty(shard["rows"], dtype=np.int32)
+                    for (offset, count), start in zip(lengths_at, opened.starts[:-1].tolist()):
+                        opened.read_into(lengths[start:start + count], offset)
+                self._lengths.append(lengths)
+                self._check_values(opened, shard, lengths, verify)
+                starts.append(starts[-1] + shard["rows"])
+        except BaseException:
+            self.close()
+            raise
         self._starts = np.array(starts, dtype=np.int64)
         self.num_rows = int(starts[-1])
         self.fingerprint = self.manifest["fingerprint"]
 
-    def _map(self, file: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Memory-map a shard after checking its Arrow schema against the manifest (row length, dtype, columns)."""
+    def _open(self, file: Path) -> tuple[_Shard, list[tuple[int, int]]]:
+        """Check a shard's Arrow schema against the manifest (row length, dtype, columns) and find where its rows
+        (and no-pack row lengths) lie in the file: the metadata is read through a map, the rows never are."""
         try:
-            reader = pa.ipc.open_file(pa.memory_map(str(file), "r"))
-            expected = shard_schema(self.row_length, self.dtype, self.pack)
-            if not reader.schema.remove_metadata().equals(expected.remove_metadata()):
-                raise DataError(f"{file}: its Arrow schema ({_schema_text(reader.schema)}) is not the one the manifest "
-                                f"describes ({_schema_text(expected)}); the manifest or the shard was edited; {FIX}")
-            batches, lengths = [], []
-            for i in range(reader.num_record_batches):
-                batch = reader.get_batch(i)
-                ids = batch.column("input_ids")
-                values = ids.values.to_numpy(zero_copy_only=True)
-                batches.append(values[ids.offset * self.row_length :][: len(ids) * self.row_length].reshape(-1, self.row_length))
-                if not self.pack:
-                    lengths.append(batch.column("length").to_numpy(zero_copy_only=True))
+            source = pa.memory_map(str(file), "r")
+            try:
+                whole = source.read_buffer()
+                base, size = whole.address, whole.size
+                reader = pa.ipc.open_file(whole)
+                expected = shard_schema(self.row_length, self.dtype, self.pack)
+                if not reader.schema.remove_metadata().equals(expected.remove_metadata()):
+                    raise DataError(f"{file}: its Arrow schema ({_schema_text(reader.schema)}) is not the one the manifest "
+                                    f"describes ({_schema_text(expected)}); the manifest or the shard was edited; {FIX}")
+                offsets, counts, lengths_at = [], [], []
+                for i in range(reader.num_record_batches):
+                    batch = reader.get_batch(i)
+                    ids = batch.column("input_ids")
+                    values = ids.values
+                    data = values.buffers()[1]
+                    if ids.null_count or values.null_count or data is None:
+                        raise DataError(f"{file}: record batch {i} holds missing values; {FIX}")
+                    offset = data.address - base + (values.offset + ids.offset * self.row_length) * self.dtype.itemsize
+                    if not 0 <= offset <= offset + len(ids) * self.row_bytes <= size:
+                        raise DataError(f"{file}: record batch {i} is not stored plainly in the file (compressed?); {FIX}")
+                    offsets.append(offset)
+                    counts.append(len(ids))
+                    if not self.pack:
+                        column = batch.column("length")
+                        where = column.buffers()[1].address - base + column.offset * 4
+                        if column.null_count or not 0 <= where <= where + len(column) * 4 <= size:
+                            raise DataError(f"{file}: record batch {i}'s lengths are not stored plainly in the file; {FIX}")
+                        lengths_at.append((where, len(column)))
+            finally:
+                source.close()
         except (pa.ArrowInvalid, pa.ArrowException, OSError, KeyError) as e:
             raise DataError(f"{file}: not a readable token shard ({e})") from None
-        return batches, lengths
+        return _Shard(file, self.row_bytes, offsets, counts), lengths_at
 
-    def _check_values(self, file: Path, shard: dict[str, Any], batches: list[np.ndarray], lengths: list[np.ndarray],
-                      verify: str) -> None:
+    def _check_values(self, shard: _Shard, entry: dict[str, Any], lengths: np.ndarray, verify: str) -> None:
         """The largest token id (scanned under a sha256 check or when the manifest has none; it must equal the
         recorded one) and, in no-pack mode, row lengths within 1..row_length."""
-        recorded = shard.get("max_token_id")
+        recorded = entry.get("max_token_id")
         if verify == "sha256" or recorded is None:
-            scanned = max((int(b.max()) for b in batches if b.size), default=0)
+            scanned = 0
+            for b in range(len(shard.offsets)):
+                rows = np.empty((int(shard.starts[b + 1] - shard.starts[b]), self.row_length), dtype=self.dtype)
+                shard.read_into(rows, int(shard.offsets[b]))
+                if rows.size:
+                    scanned = max(scanned, int(rows.max()))
             if recorded is not None and scanned != recorded:
-                raise DataError(f"{file}: its largest token id is {scanned}, the manifest says {recorded}; {FIX}")
+                raise DataError(f"{shard.file}: its largest token id is {scanned}, the manifest says {recorded}; {FIX}")
             recorded = scanned
-        self.max_token_ids[shard["file"]] = recorded
-        if lengths and verify != "none":
-            low, high = min(int(x.min()) for x in lengths if x.size), max(int(x.max()) for x in lengths if x.size)
+        self.max_token_ids[entry["file"]] = recorded
+        if lengths.size and verify != "none":
+            low, high = int(lengths.min()), int(lengths.max())
             if low < 1 or high > self.row_length:
-                raise DataError(f"{file}: row lengths {low}..{high} are outside 1..{self.row_length}; {FIX}")
+                raise DataError(f"{shard.file}: row lengths {low}..{high} are outside 1..{self.row_length}; {FIX}")
 
     def __len__(self) -> int:
         return self.num_rows
 
-    def _locate(self, index: int) -> tuple[int, int, int]:
+    def close(self) -> None:
+        """Close the shard files (also done when the rows are garbage-collected)."""
+        for shard in getattr(self, "_shards", []):
+            shard.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def _locate(self, index: int) -> tuple[int, int]:
         if not 0 <= index < self.num_rows:
             raise IndexError(f"row {index} of {self.num_rows}")
         shard = int(np.searchsorted(self._starts, index, side="right")) - 1
-        local = index - int(self._starts[shard])
-        return shard, local // BATCH_ROWS, local % BATCH_ROWS
+        return shard, index - int(self._starts[shard])
 
     def row(self, index: int) -> np.ndarray:
-        shard, batch, offset = self._locate(index)
-        return self._batches[shard][batch][offset]
+        shard, local = self._locate(index)
+        out = np.empty(self.row_length, dtype=self.dtype)
+        self._shards[shard].read_into(out, self._shards[shard].where(local))
+        return out
 
     def length(self, index: int) -> int:
         """Real tokens of a row (all of them in pack mode)."""
         if self.pack:
             return self.row_length
-        shard, batch, offset = self._locate(index)
-        return int(self._lengths[shard][batch][offset])
+        shard, local = self._locate(index)
+        return int(self._lengths[shard][local])
 
     def gather(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Rows (len(indices), row_length) as int64, and their lengths in no-pack mode."""
-        out = np.empty((len(indices), self.row_length), dtype=np.int64)
+        """Rows (len(indices), row_length) as int64, and their lengths in no-pack mode. A shard that changed size
+        since it was checked, or that ends before a row, is one error naming it (see the module docstring)."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(indices) and (indices.min() < 0 or indices.max() >= self.num_rows):
+            raise IndexError(f"row {int(indices.max() if indices.max() >= self.num_rows else indices.min())} of "
+                             f"{self.num_rows}")
+        shards = np.searchsorted(self._starts, indices, side="right") - 1
+        local = indices - self._starts[shards]
+        offsets = np.empty(len(indices), dtype=np.int64)
         lengths = None if self.pack else np.empty(len(indices), dtype=np.int64)
-        for i, index in enumerate(indices.tolist()):
-            shard, batch, offset = self._locate(index)
-            out[i] = self._batches[shard][batch][offset]
+        used = np.unique(shards).tolist()
+        for s in used:
+            mine = shards == s
+            shard = self._shards[s]
+            batch = np.searchsorted(shard.starts, local[mine], side="right") - 1
+            offsets[mine] = shard.offsets[batch] + (local[mine] - shard.starts[batch]) * self.row_bytes
             if lengths is not None:
-                lengths[i] = self._lengths[shard][batch][offset]
-        return out, lengths
+                lengths[mine] = self._lengths[s][local[mine]]
+        raw = np.empty((len(indices), self.row_length), dtype=self.dtype)
+        view, size = memoryview(raw).cast("B"), self.row_bytes
+        fds = [self._shards[s].fd for s in shards.tolist()]
+        for i, (fd, offset) in enumerate(zip(fds, offsets.tolist())):
+            if os.preadv(fd, [view[i * size:(i + 1) * size]], offset) != size:  # short: re-read to say why
+                self._shards[int(shards[i])].read_into(raw[i], offset)
+        for s in used:
+            change = self._shards[s].changed()
+            if change:
+                raise DataError(f"{self._shards[s].file}: changed while this process read it ({change}): {CHANGED}")
+        return raw.astype(np.int64), lengths

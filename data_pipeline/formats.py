@@ -108,6 +108,15 @@ class SplitStateEntry(Schema):
     stop_after: NonNegInt | None = None
 
 
+class ReadPosition(Schema):
+    """How far the source being read had been read when a shard was committed, and the sha256 of those bytes."""
+
+    source: NonNegInt
+    bytes: NonNegInt
+    sha256: Sha256
+
+
 class JournalEntry(Schema):
     split: Literal["train", "val"]
     state: SplitStateEntry
+    read: ReadPosition | None = None

@@ -42,8 +42,13 @@ def parse_mix(entries: Any) -> list[MixPart]:
         if not isinstance(entry, dict) or set(entry) - {"path", "weight", "name"} or "path" not in entry:
             raise DataError(f"{where} must be {{path: PREPARED_FOLDER, weight: W, name: optional}}, got {entry!r}")
         weight = entry.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
-            raise DataError(f"{where}.weight must be a positive number, got {weight!r}")
+        try:  # (an int too large for a float, 10**400, is not finite either)
+            finite = not isinstance(weight, bool) and isinstance(weight, (int, float)) and math.isfinite(weight)
+        except OverflowError:
+            finite = False
+        if not finite or weight <= 0:
+            shown = repr(weight) if len(repr(weight)) < 40 else f"{repr(weight)[:20]}... ({len(repr(weight))} characters)"
+            raise DataError(f"{where}.weight must be a finite number > 0, got {shown}")
         path = str(entry["path"])
         name = str(entry.get("name") or Path(path).name)
         parts.append(MixPart(name, path, float(weight)))
@@ -54,8 +59,13 @@ def parse_mix(entries: Any) -> list[MixPart]:
 
 
 def allocate(weights: list[float], total: int) -> list[int]:
-    """Split `total` rows in proportion to `weights` (largest remainders, ties to the earlier part), each >= 1."""
-    share = np.array(weights, dtype=np.float64) / sum(weights) * total
+    """Split `total` rows in proportion to `weights` (largest remainders, ties to the earlier part), each >= 1.
+
+    The weights are scaled by the largest first, so that their sum cannot overflow (1e308 + 1e308 is inf, which
+    gave every part a share of 0: 2 rows in all instead of `total`)."""
+    scaled = np.array(weights, dtype=np.float64)
+    scaled = scaled / scaled.max()
+    share = scaled / scaled.sum() * total
     counts = np.floor(share).astype(np.int64)
     order = np.argsort(-(share - counts), kind="stable")
     counts[order[: total - int(counts.sum())]] += 1

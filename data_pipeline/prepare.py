@@ -5,19 +5,33 @@ Documents are read in order, tokenized in batches (encode_batch) and appended to
 the token stream is cut into rows of seq_len + 1; in no-pack mode each document becomes one row,
 truncated and padded, with its real length stored for the loss mask.
 
-Crash safety: a shard is committed (fsync + rename) and then recorded in a journal together with the
-exact point of the input where the next shard starts (piece number and token offset). A rerun with the
-same settings skips everything before that point without tokenizing it and continues; the result is
-byte-identical to an uninterrupted run. manifest.json is written last, so it never names a shard that
-is not complete.
+Crash safety: a dataset is built in a folder beside its target, OUT.partial, and swapped into OUT under
+OUT's lock once it is whole (manifest.json written last), so OUT holds a whole dataset or none, never half of
+one, and `--overwrite` replaces an old dataset only at that swap (a kill keeps the old one). In OUT.partial, a
+shard is committed (fsync + rename) and then recorded in a journal together with the exact point of the input
+where the next shard starts (piece number and token offset) and how far each source's bytes were read (with
+their sha256). A rerun with the same settings skips everything before that point without tokenizing it and
+continues; the result is byte-identical to an uninterrupted run.
+
+Sources are fingerprinted by content before reading, and hashed again as they are read for tokenizing: a
+source that changes while it is read is refused (and what was made from it discarded), never recorded under
+the first version's fingerprint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import logging
+import math
+import os
+import re
+import shutil
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -35,11 +49,16 @@ from data_pipeline.shards import (
     shard_schema,
     token_dtype,
 )
-from data_pipeline.sources import PIECE_CHARS, DataError, Document, DocumentReader, Source, resolve_sources
+from data_pipeline.sources import (
+    HF_PREFIX, MAX_DOCUMENT_MB, MAX_LINE_MB, PIECE_CHARS, SAMPLE_BY, DataError, Document, DocumentReader, Source,
+    SourceChanged, resolve_sources, sha256_prefix,
+)
 from data_pipeline.tokenizer import EOT, separator_token, tokenizer_sha256
 from data_pipeline.workers import assign_sources, worker_dir
 from data_pipeline.formats import JournalEntry, JournalHeader
-from data_pipeline.fileio import DiskFullError, LineAppender, atomic_write_json, cut_torn_tail, disk_full, is_disk_full, sha256_file
+from data_pipeline.fileio import (
+    DiskFullError, LineAppender, atomic_write_json, cut_torn_tail, disk_full, fsync_path, is_disk_full, sha256_file,
+)
 from data_pipeline.locks import FolderLock
 from data_pipeline.parallel import BatchEncoder, available_cores
 from data_pipeline.schema import parse
@@ -48,7 +67,32 @@ from data_pipeline.tokenizer_files import load_tokenizer
 log = logging.getLogger("tlm.prepare")
 JOURNAL = ".prepare-journal.jsonl"
 OPTIONAL_SETTINGS = ("eot_token", "hf_config", "max_tokens")
+# The size bounds change the output only where they skip (--on-error skip): part of the fingerprint there alone,
+# and only when not the default (datasets prepared before the bounds existed keep their fingerprint).
+BOUNDS = {"max_line_mb": MAX_LINE_MB, "max_document_mb": MAX_DOCUMENT_MB}
 SPLITS = ("train", "val")
+# What a dataset folder (OUT, or OUT.partial while it is made) may hold: anything else is not prepare's to replace.
+_OWN_FILE = re.compile(r"^(\.lock|manifest\.json|\.prepare-journal\.jsonl|(train|val)-\d{5,}\.arrow|\..+\.tmp)$")
+
+
+def partial_dir(out: Path) -> Path:
+    """Where the dataset for OUT is made (and an interrupted prepare resumes) before it is swapped into OUT."""
+    out = Path(out).absolute()
+    return out.with_name(out.name + ".partial")
+
+
+def _replaced_dir(out: Path) -> Path:
+    """Where OUT's previous folder goes at the swap, to be deleted."""
+    out = Path(out).absolute()
+    return out.with_name(f".{out.name}.replaced")
+
+
+class PrepareStopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP during prepare: it stops as Ctrl-C does (`tlm: interrupted`); rerunning resumes."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @dataclass
@@ -75,11 +119,27 @@ class PrepareConfig:
     eot_token: str | None = None  # the document separator; None: <|endoftext|> (another tokenizer's EOS, in eval)
     hf_config: str | None = None  # the configuration (subset) of a Hugging Face dataset
     max_tokens: int | None = None  # stop once the train split holds this many tokens (rounded up to whole rows)
+    max_line_mb: float = MAX_LINE_MB  # the longest line parsed whole (a JSONL record, a CSV row), in MiB
+    max_document_mb: float = MAX_DOCUMENT_MB  # the longest document, in MiB of characters
 
     def __post_init__(self) -> None:
-        if self.seq_len < 1:
-            raise DataError(f"--seq-len must be positive, got {self.seq_len}")
-        if isinstance(self.val, bool) or not isinstance(self.val, (int, float)) or self.val < 0:
+        for name in ("seq_len", "num_workers", "piece_chars", "tokenize_batch_chars"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DataError(f"--{name} must be a positive whole number, got {value!r}")
+        if isinstance(self.worker_index, bool) or not isinstance(self.worker_index, int):
+            raise DataError(f"--worker_index must be a whole number, got {self.worker_index!r}")
+        for name, low in (("shard_mb", 0), ("max_line_mb", None), ("max_document_mb", None)):  # (shard_mb 0: 1024 rows)
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < (low or 0) or (low is None and value == 0):
+                raise DataError(f"--{name} must be a finite number of MiB {'>= 0' if low == 0 else '> 0'}, got {value!r}")
+        if self.sample_by not in SAMPLE_BY:
+            raise DataError(f"--sample_by must be one of {', '.join(SAMPLE_BY)}, got {self.sample_by!r}")
+        if self.on_error not in ("raise", "skip"):
+            raise DataError(f"--on_error must be raise or skip, got {self.on_error!r}")
+        if isinstance(self.val, bool) or not isinstance(self.val, (int, float)) or not math.isfinite(self.val) \
+                or self.val < 0:
             raise DataError(f"--val must be a fraction in [0, 1) or a number of documents, got {self.val!r}")
         if isinstance(self.val, float) and self.val >= 1:
             raise DataError(f"--val {self.val}: a fraction must be below 1 (give an int for a number of documents)")
@@ -263,7 +323,8 @@ def describe_inputs(config: PrepareConfig, sources: list[Source], tok_sha: str,
     described = {
         # (settings added later only when set: datasets prepared before they existed keep their fingerprint)
         **{k: v for k, v in asdict(config).items()
-           if k not in ("out", "tokenizer", "data", "val_data") and not (k in OPTIONAL_SETTINGS and v is None)},
+           if k not in ("out", "tokenizer", "data", "val_data") and not (k in OPTIONAL_SETTINGS and v is None)
+           and not (k in BOUNDS and (v == BOUNDS[k] or config.on_error == "raise"))},
         "tokenizer_sha256": tok_sha,
         "sources": [{"kind": s.kind, "path": s.path, "bytes": s.size,
                      "sha256": digests[i] if digests is not None else s.content_sha256()} for i, s in enumerate(sources)],
@@ -319,9 +380,11 @@ def _val_selector(config: PrepareConfig):
     return lambda source, record, number: False
 
 
-def _read_journal(out: Path, fingerprint: str, described: dict[str, Any]) -> dict[str, SplitState] | None:
+def _read_journal(out: Path, fingerprint: str, described: dict[str, Any],
+                  sources: list[Source]) -> dict[str, SplitState] | None:
     """The committed state of an interrupted run with the same inputs, or None to start afresh (no journal,
-    or a committed shard damaged since). Other inputs or settings are refused: mixing them would be silent."""
+    a committed shard damaged since, or a source whose bytes that run read differ from the file's now: it
+    changed while that run read it). Other inputs or settings are refused: mixing them would be silent."""
     path = out / JOURNAL
     if not path.exists():
         return None
@@ -359,6 +422,17 @@ def _read_journal(out: Path, fingerprint: str, described: dict[str, Any]) -> dic
             if not file.exists() or file.stat().st_size != shard["bytes"] or sha256_file(file) != shard["sha256"]:
                 log.warning("%s: committed shard %s is missing or damaged; starting afresh", out, shard["file"])
                 return None
+    read = getattr(records[-1], "read", None) if len(records) > 1 else None
+    if read is not None:  # the committed shards came from these bytes: the file must still begin with them
+        source = sources[read.source] if read.source < len(sources) else None
+        try:
+            same = source is not None and sha256_prefix(source.path, read.bytes) == read.sha256
+        except OSError:
+            same = False
+        if not same:
+            log.warning("%s: %s changed while the interrupted prepare read it (its first %d bytes differ from those "
+                        "read then); starting afresh", out, source.path if source else "a source", read.bytes)
+            return None
     return states
 
 
@@ -371,7 +445,7 @@ def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = Tru
 
     The output folder has one owner: a second prepare on it is refused at once (or, with `wait`, waits for
     the first one, then finds its result). A full disk is one line; rerunning resumes from the last
-    committed shard.
+    committed shard. SIGTERM and SIGHUP stop it as Ctrl-C does (PrepareStopped); rerunning resumes.
     """
     if num_proc is not None and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1):
         raise DataError(f"--num-proc must be a positive number of processes, got {num_proc!r}")
@@ -379,15 +453,152 @@ def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = Tru
     out = worker_dir(root, config.worker_index, config.num_workers) if config.num_workers > 1 else root
     if out.exists() and not out.is_dir():
         raise DataError(f"--out '{out}' is a file; give a folder")
-    with FolderLock(out, "prepare output", wait=wait, hint="wait for that prepare to finish, or choose another --out"):
+    if out.is_symlink():  # the folder itself is replaced at the end, not the link to it
+        out = out.resolve()
+    _refuse_data_near(config, out)
+    _refuse_foreign_files(out)
+    # The lock is a file beside OUT (not inside: OUT is swapped away at the end; see fileio.replace_folder), and
+    # OUT's own .lock where there is one (an older tlm's prepare, a holder that locks the folder itself).
+    hint = "wait for that prepare to finish, or choose another --out"
+    parent = out.absolute().parent
+    with contextlib.ExitStack() as held:
+        held.enter_context(FolderLock(out, "prepare output", wait=wait, hint=hint, file=parent / f".{out.name}.lock"))
+        if (out / ".lock").is_file():
+            held.enter_context(FolderLock(out, "prepare output", wait=wait, hint=hint))
         try:
-            return _prepare(config, out, overwrite, progress, available_cores() if num_proc is None else num_proc)
+            try:
+                with _stop_on_signals():
+                    return _prepare(config, out, overwrite, progress, available_cores() if num_proc is None else num_proc)
+            except BaseException:
+                _drop_if_empty(partial_dir(out))
+                raise
+        except SourceChanged:
+            shutil.rmtree(partial_dir(out), ignore_errors=True)  # made from a mix of two versions: nothing is kept
+            raise
+        except PrepareStopped as e:
+            log.warning("prepare stopped by %s; what was committed is kept in %s: rerun the same command to resume",
+                        e.args[0], partial_dir(out))
+            raise
         except OSError as e:
             if is_disk_full(e) and not isinstance(e, DiskFullError):
                 where = Path(e.filename) if getattr(e, "filename", None) else out
                 raise disk_full(e, where, "free some space and rerun the same command: it resumes from the last "
                                 "committed shard") from e
             raise
+
+
+def _drop_if_empty(partial: Path) -> None:
+    """After a failed or stopped prepare, remove OUT.partial when nothing was committed there (there is nothing to
+    resume: a refusal before the first shard leaves the folders as they were)."""
+    try:
+        journal = partial / JOURNAL
+        lines = journal.read_bytes().count(b"\n") if journal.exists() else 0
+        if partial.is_dir() and lines <= 1 and not any(partial.glob("*.arrow")) and not (partial / MANIFEST).exists():
+            shutil.rmtree(partial)
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGTERM and SIGHUP raise PrepareStopped (a KeyboardInterrupt: one `tlm: interrupted` line, and the
+    workers stopped) where nothing else handles them; a second signal during the cleanup is ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous: dict[int, Any] = {}
+
+    def later(signum: int, frame: Any) -> None:  # (not SIG_IGN: a process started now would inherit that)
+        log.info("%s: already stopping", signal.Signals(signum).name)
+
+    def stop(signum: int, frame: Any) -> None:
+        for sig in previous:
+            signal.signal(sig, later)
+        raise PrepareStopped(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:  # a caller's own handler (a trainer's) is left alone
+            previous[sig] = signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _local_path(item: str) -> Path | None:
+    """The file or folder a --data item names on this machine (a glob: the folder its pattern starts in)."""
+    text = item[len(HF_PREFIX):] if item.startswith(HF_PREFIX) else item
+    path = Path(text).expanduser()
+    if glob.has_magic(text):
+        parts = []
+        for part in path.parts:
+            if glob.has_magic(part):
+                break
+            parts.append(part)
+        path = Path(*parts) if parts else Path(".")
+    return path if path.exists() else None
+
+
+def _refuse_data_near(config: PrepareConfig, out: Path) -> None:
+    """--out must lie apart from the data: inside a data folder its shards and manifest would be read back as
+    data; with the data inside it, replacing the folder at the end would delete the data."""
+    places = [out.resolve(), partial_dir(out).resolve(), _replaced_dir(out).resolve()]
+    for flag, items in (("--data", config.data), ("--val_data", config.val_data or [])):
+        for item in items:
+            path = _local_path(str(item))
+            if path is None:
+                continue
+            data = path.resolve()
+            for place in places:
+                if place == data:
+                    raise DataError(f"--out '{out}' is the data folder itself ({flag} '{item}'): prepare would read its own "
+                                    "output as data and replace the folder; choose an --out outside it")
+                if data in place.parents:
+                    raise DataError(f"--out '{out}' lies inside the data folder '{item}' ({flag}): its shards and "
+                                    "manifest.json would be read back as data (and --overwrite would replace them); choose "
+                                    f"an --out outside '{item}'")
+                if place in data.parents:
+                    raise DataError(f"{flag} '{item}' lies inside --out '{out}': prepare replaces that folder when it "
+                                    "finishes, which would delete the data; move the data out or choose another --out")
+
+
+def _refuse_foreign_files(out: Path) -> None:
+    """OUT is replaced as a whole when the dataset is ready: it may hold nothing but a dataset's files, and may
+    not be (or hold) the current folder or the home folder."""
+    resolved = out.resolve()
+    for place in (Path.cwd().resolve(), Path(os.path.expanduser("~")).resolve()):
+        if resolved == Path(resolved.anchor) or resolved == place or resolved in place.parents:
+            raise DataError(f"--out '{out}' is or holds {place} (the current folder or the home folder): prepare "
+                            "replaces that folder when the dataset is ready; choose a folder of its own")
+    if not out.is_dir():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if not _OWN_FILE.match(p.name) or p.is_dir())
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise DataError(f"--out '{out}' holds files that are not a tlm dataset's ({shown}); prepare replaces the whole "
+                        "folder when the new dataset is ready, so --out must be a new or empty folder or a prepared "
+                        "dataset: choose another --out")
+
+
+def _swap_in(partial: Path, out: Path) -> None:
+    """Make the whole dataset in `partial` the folder `out` (under prepare's lock): one atomic exchange of the two
+    folders where the filesystem allows it, else two renames (`out` is then missing for an instant, never half
+    made). The previous folder is deleted; a reader that has its files open keeps reading them."""
+    from data_pipeline.fileio import _exchange
+
+    (partial / JOURNAL).unlink(missing_ok=True)
+    replaced = _replaced_dir(out)
+    shutil.rmtree(replaced, ignore_errors=True)
+    if not os.path.lexists(out):
+        os.rename(partial, out)
+    elif _exchange(partial, out):
+        os.rename(partial, replaced)  # the old folder, now under the partial name
+    else:
+        os.rename(out, replaced)
+        os.rename(partial, out)
+    fsync_path(out.absolute().parent)
+    shutil.rmtree(replaced, ignore_errors=True)
 
 
 def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool, num_proc: int) -> dict[str, Any]:
@@ -409,6 +620,11 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool, 
     described = describe_inputs(config, sources, tok_sha)
     fingerprint = fingerprint_of(described)
 
+    partial = partial_dir(out)
+    if (partial / MANIFEST).exists():  # a whole dataset whose swap into OUT was cut short: finish it
+        log.info("%s: completing an interrupted prepare (its dataset is whole in %s)", out, partial)
+        _swap_in(partial, out)
+    shutil.rmtree(_replaced_dir(out), ignore_errors=True)
     manifest_path = out / MANIFEST
     if manifest_path.exists() and not overwrite:
         from data_pipeline.dataset import load_manifest
@@ -419,27 +635,40 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool, 
             return {**existing, "reused": True}
         raise DataError(f"'{out}' already holds a prepared dataset made with other settings "
                         f"({input_changes(existing.get('inputs'), described)}); pass --overwrite to replace it")
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):
+    _refuse_foreign_files(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    for stale in partial.glob(".*.tmp"):
         stale.unlink()
-    states = None if overwrite else _read_journal(out, fingerprint, described)
+    states = None
+    if (partial / JOURNAL).exists():
+        try:
+            states = _read_journal(partial, fingerprint, described, sources)
+        except DataError as e:
+            if not overwrite:
+                raise
+            log.warning("%s: not resuming the interrupted prepare there (%s); starting afresh (--overwrite)", partial, e)
     if states is None:
-        for old in list(out.glob("train-*.arrow")) + list(out.glob("val-*.arrow")) + [out / JOURNAL, manifest_path]:
+        for old in list(partial.glob("train-*.arrow")) + list(partial.glob("val-*.arrow")) + \
+                [partial / JOURNAL, partial / MANIFEST]:
             old.unlink(missing_ok=True)
         states = {split: SplitState() for split in SPLITS}
     else:
         log.info("resuming: %s", ", ".join(f"{s} {len(st.shards)} shards" for s, st in states.items()))
-    journal = LineAppender(out / JOURNAL, fsync=True)
-    if (out / JOURNAL).stat().st_size == 0:  # a fresh start: the header first
+    journal = LineAppender(partial / JOURNAL, fsync=True)
+    if (partial / JOURNAL).stat().st_size == 0:  # a fresh start: the header first
         journal.write_json({"fingerprint": fingerprint, "described": described})
 
     def on_commit(split: str, state: SplitState) -> None:
-        journal.write_json({"split": split, "state": asdict(state)})
+        # with how far the source being read was read, and the sha256 of those bytes: a resume checks that the
+        # file still begins with them (the shards were made from them)
+        journal.write_json({"split": split, "state": asdict(state), "read": reader.read_position()})
 
-    writers = {s: SplitWriter(out, s, config, eot, dtype, states[s], on_commit) for s in SPLITS}
+    writers = {s: SplitWriter(partial, s, config, eot, dtype, states[s], on_commit) for s in SPLITS}
     reader = DocumentReader(sources, text_field=config.text_field, sample_by=config.sample_by,
                             on_error=config.on_error, hf_split=config.hf_split, piece_chars=config.piece_chars,
-                            hf_config=config.hf_config)
+                            hf_config=config.hf_config, max_line_mb=config.max_line_mb,
+                            max_document_mb=config.max_document_mb,
+                            expected_sha256=[s["sha256"] for s in described["sources"]])
     mine, by_document = assign_sources(train_sources, config.num_workers, config.worker_index)
     indices = (mine if mine is not None else list(range(len(train_sources)))) + \
         [len(train_sources) + i for i in range(len(val_sources)) if config.worker_index == 0 or by_document]
@@ -510,6 +739,7 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool, 
             batch_chars += len(doc.text)
             if batch_chars >= config.tokenize_batch_chars or len(batch) >= 4096:
                 flush()
+        reader.finish()  # reading stopped early (--max-tokens): the rest of that file is hashed all the same
         flush()
         encoder.drain()
         for writer in writers.values():
@@ -533,10 +763,7 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool, 
         problem = (f"no training rows: {writers['train'].dropped_tokens} tokens left for training, fewer than one "
                    f"row of {config.seq_len + 1}; use more data, a shorter --seq-len, or --val 0")
     if problem:  # leave no half-dataset behind that a rerun would try to resume
-        for split in writers.values():
-            for shard in split.state.shards:
-                (out / shard["file"]).unlink(missing_ok=True)
-        (out / JOURNAL).unlink(missing_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
         raise DataError(problem)
     manifest = {
         "format": FORMAT,
@@ -580,8 +807,8 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool, 
                     "no validation loss", out, f"--val {config.val}" if config.val else "--val_data",
                     writers["val"].documents_fed, " (each text file is one document with --sample_by document: try "
                     "--sample_by paragraph, or --val_data)" if config.sample_by == "document" else "")
-    atomic_write_json(manifest_path, manifest)
-    (out / JOURNAL).unlink(missing_ok=True)
+    atomic_write_json(partial / MANIFEST, manifest)  # whole: the dataset exists from here (in OUT.partial) ...
+    _swap_in(partial, out)  # ... and is OUT from here, in one step; an old dataset there goes only now
     if reader.skips.total():
         log.warning("skipped %d records: %s", reader.skips.total(), reader.skips.to_dict()["by_reason"])
     return manifest

@@ -103,8 +103,10 @@ class ShardFile:
         return entry
 
     def abort(self) -> None:
-        try:
-            self.writer.close()
-            self.sink.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
+        """Drop the shard being written (also after a close() that a signal or an error cut short)."""
+        for close in (self.writer.close, self.sink.close):
+            try:
+                close()
+            except Exception:  # already closed, or the disk is full: the file is deleted either way
+                pass
+        self.tmp.unlink(missing_ok=True)

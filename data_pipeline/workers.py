@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,11 @@ SPLITS = ("train", "val")
 
 def worker_dir(out: Path, index: int, count: int) -> Path:
     return out / f"worker-{index:03d}-of-{count:03d}"
+
+
+def worker_dirs(out: Path) -> list[Path]:
+    """The worker-I-of-N folders in `out` (not the .partial folders they are made in)."""
+    return sorted(p for p in out.glob("worker-*-of-*") if re.fullmatch(r"worker-\d+-of-\d+", p.name) and p.is_dir())
 
 
 def assign_sources(sources: list[Source], workers: int, index: int) -> tuple[list[int] | None, bool]:
@@ -45,7 +51,7 @@ def merge_workers(out_dir: str | Path) -> dict[str, Any]:
 
 
 def _merge(root: Path) -> dict[str, Any]:
-    parts = sorted(root.glob("worker-*-of-*"))
+    parts = worker_dirs(root)
     if not parts:
         raise DataError(f"'{root}' holds no worker-I-of-N folders to merge")
     count = int(parts[0].name.rsplit("-", 1)[1])

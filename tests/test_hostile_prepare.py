@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import data_pipeline.prepare as prepare_module
-from data_pipeline.prepare import JOURNAL, PrepareConfig, prepare
+from data_pipeline.prepare import JOURNAL, PrepareConfig, partial_dir, prepare
 from data_pipeline.sources import DataError
 from hostile import child, cli, hold_lock, refused, snapshot
 
@@ -72,7 +72,7 @@ def test_a_torn_journal_line_is_cut_with_a_warning_and_the_rerun_resumes(
         caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "out"
     interrupted(monkeypatch, settings(corpus, data_tokenizer, out), lines=3)
-    with open(out / JOURNAL, "ab") as f:
+    with open(partial_dir(out) / JOURNAL, "ab") as f:
         f.write(b'{"split": "train", "state": {"shards": [{"file": "tr')  # a kill in the middle of a line
     with caplog.at_level("WARNING"):
         prepare(settings(corpus, data_tokenizer, out), progress=False)
@@ -85,13 +85,14 @@ def test_a_garbled_journal_line_is_one_error_naming_the_line(
         capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
     interrupted(monkeypatch, settings(corpus, data_tokenizer, out), lines=3)
-    lines = (out / JOURNAL).read_text().splitlines()
+    journal = partial_dir(out) / JOURNAL
+    lines = journal.read_text().splitlines()
     lines[1] = lines[1].replace('"rows": ', '"rows": -')
-    (out / JOURNAL).write_text("\n".join(lines) + "\n")
-    before = snapshot(out)
-    refused(prepare_args(corpus, data_tokenizer, out), capsys, f"{out / JOURNAL}:2: key 'state.",
+    journal.write_text("\n".join(lines) + "\n")
+    before = snapshot(tmp_path)
+    refused(prepare_args(corpus, data_tokenizer, out), capsys, f"{journal}:2: key 'state.",
             "rerun with --overwrite to start afresh")
-    assert snapshot(out) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_a_source_edited_under_an_interrupted_prepare_is_refused(
@@ -105,10 +106,10 @@ def test_a_source_edited_under_an_interrupted_prepare_is_refused(
     corpus.write_bytes(text.replace(b"First Citizen", b"Fir5t Citizen"))
     os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert corpus.stat().st_size == stat.st_size and corpus.stat().st_mtime_ns == stat.st_mtime_ns
-    before = snapshot(out)
+    before = snapshot(tmp_path)
     refused(prepare_args(corpus, data_tokenizer, out), capsys, "holds an interrupted prepare whose input has changed",
             f"source {corpus} changed (sha256")
-    assert snapshot(out) == before
+    assert snapshot(tmp_path) == before
     status, _, err = cli([*prepare_args(corpus, data_tokenizer, out), "--overwrite"], capsys)
     assert status == 0, err
 
@@ -128,7 +129,7 @@ def test_a_second_prepare_is_refused_and_a_killed_holder_never_blocks(
     holder = hold_lock(out)
     refused(prepare_args(corpus, data_tokenizer, out), capsys, f"prepare output '{out}' is in use by pid {holder.pid} on",
             "wait for that prepare to finish, or choose another --out")
-    assert not (out / "manifest.json").exists()
+    assert not (out / "manifest.json").exists() and not partial_dir(out).exists()
     holder.send_signal(signal.SIGKILL)  # a lost node, an OOM kill: no chance to clean up
     holder.wait(30)
     status, _, err = cli(prepare_args(corpus, data_tokenizer, out), capsys)

@@ -182,7 +182,7 @@ def prepare(out: str, data: Any = None, tokenizer: str | None = None, seq_len: i
             val: float | int | None = None, val_data: Any = None, text_field: str = "text", sample_by: str = "document",
             on_error: str = "raise", hf_split: str = "train", hf_config: str | None = None,
             max_tokens: int | None = None, seed: int = 0, shard_mb: float = 256.0, num_proc: int | None = None, num_workers: int = 1, worker_index: int = 0, merge: bool = False,
-            overwrite: bool = False) -> None:
+            overwrite: bool = False, max_line_mb: float = 128.0, max_document_mb: float = 1024.0) -> None:
     """Tokenize, pack and shard a corpus into Arrow files plus manifest.json.
 
     Rerunning an interrupted prepare with the same flags resumes it; the output is byte-identical to an
@@ -217,7 +217,12 @@ def prepare(out: str, data: Any = None, tokenizer: str | None = None, seq_len: i
         num_workers: split the sources across this many workers (separate commands, e.g. on several nodes).
         worker_index: which worker this is (0-based).
         merge: merge the finished workers' outputs in OUT into one manifest.
-        overwrite: replace a prepared dataset (or an interrupted one) in OUT.
+        overwrite: replace a prepared dataset in OUT (only once the new one is whole: a kill keeps the old one), or
+            start an interrupted prepare of other inputs afresh.
+        max_line_mb: the longest line parsed whole (a JSON Lines record, a CSV row, a whole JSON array file), in
+            MiB; a longer one is refused (or skipped with --on_error skip).
+        max_document_mb: the longest document, in MiB of characters (a text file with --sample_by document is one
+            document); a longer one is refused (or, with --on_error skip, cut there).
     """
     from data_pipeline.prepare import prepare_command
 
@@ -225,7 +230,8 @@ def prepare(out: str, data: Any = None, tokenizer: str | None = None, seq_len: i
                          seq_len=seq_len, pack=pack, text_field=text_field, sample_by=sample_by, on_error=on_error,
                          hf_split=hf_split, hf_config=hf_config, max_tokens=max_tokens, seed=seed, shard_mb=shard_mb,
                          num_workers=num_workers,
-                         worker_index=worker_index, num_proc=num_proc))
+                         worker_index=worker_index, num_proc=num_proc,
+                         max_line_mb=max_line_mb, max_document_mb=max_document_mb))
 
 
 def train(config: str | list[str] | None = None, show_config: bool = False, max_config_mb: float = 1.0,
