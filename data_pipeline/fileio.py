@@ -328,3 +328,74 @@ class LineAppender:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+VIRTUAL_FILESYSTEMS = {"proc", "sysfs", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs", "pstore", "bpf",
+                       "configfs", "devpts", "mqueue", "fusectl", "efivarfs", "binfmt_misc"}
+"""The kernel's file systems: no folder of tlm's can live there."""
+
+
+def file_kind(path: Path) -> str:
+    """What a path is, for a message: a regular file, a FIFO, a character device, ..., a folder."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        return "a symbolic link to nothing" if os.path.islink(path) else f"unreadable: {e.strerror}"
+    for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def filesystem_of(path: Path) -> tuple[str, str] | None:
+    """(mount point, filesystem type) of an existing path, from /proc/self/mountinfo; None where there is none."""
+    import re
+
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    real, best = os.path.realpath(path), None
+    for line in lines:
+        fields = line.split()
+        if "-" not in fields[6:]:
+            continue
+        mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+        if inside and (best is None or len(mount) >= len(best[0])):
+            best = (mount, fields[fields.index("-", 6) + 1])
+    return best
+
+
+def check_output_folder(folder: str | os.PathLike, what: str = "folder", flag: str = "folder") -> None:
+    """Refuse, before anything is written, a folder tlm could not create or keep files in: a name too long, a file
+    or a device in its place or above it, a kernel file system such as /proc. One TLMError line naming the path
+    and why, and `flag` (how to choose another)."""
+    shown = f"{what} '{folder}'"
+    path = Path(os.path.abspath(folder))
+    existing = path
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    try:
+        name_max, path_max = os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    for part in path.parts[1:]:
+        if len(os.fsencode(part)) > name_max:
+            raise TLMError(f"{shown}: name too long ({len(os.fsencode(part))} > {name_max} bytes: '{part[:24]}...'); "
+                           f"choose a shorter {flag}")
+    if len(os.fsencode(str(path))) >= path_max:
+        raise TLMError(f"{shown}: path too long ({len(os.fsencode(str(path)))} >= {path_max} bytes); choose a "
+                       f"shorter {flag}")
+    if existing == path and not path.is_dir():
+        raise TLMError(f"{shown} is not a directory (it is {file_kind(path)}); give {flag} a folder")
+    if existing != path and not existing.is_dir():
+        raise TLMError(f"{shown} cannot be created: '{existing}' is not a directory (it is {file_kind(existing)})")
+    mount = filesystem_of(existing)
+    if mount is not None and mount[1] in VIRTUAL_FILESYSTEMS:
+        raise TLMError(f"{shown} is on {mount[0]}, a {mount[1]} file system (the kernel's, not one for files); "
+                       f"choose another {flag}")

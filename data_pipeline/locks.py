@@ -81,6 +81,9 @@ class FolderLock:
             self._outer = outer
             return self
         self._outer = None
+        from data_pipeline.fileio import check_output_folder
+
+        check_output_folder(self.folder, self.what)  # a name too long, a file in the way, /proc: one line
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = self._open_locked()

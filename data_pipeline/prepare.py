@@ -57,7 +57,8 @@ from data_pipeline.tokenizer import EOT, separator_token, tokenizer_sha256
 from data_pipeline.workers import assign_sources, worker_dir
 from data_pipeline.formats import JournalEntry, JournalHeader
 from data_pipeline.fileio import (
-    DiskFullError, LineAppender, atomic_write_json, cut_torn_tail, disk_full, fsync_path, is_disk_full, sha256_file,
+    DiskFullError, LineAppender, atomic_write_json, check_output_folder, cut_torn_tail, disk_full, fsync_path,
+    is_disk_full, sha256_file,
 )
 from data_pipeline.locks import FolderLock
 from data_pipeline.parallel import BatchEncoder, available_cores
@@ -451,8 +452,8 @@ def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = Tru
         raise DataError(f"--num-proc must be a positive number of processes, got {num_proc!r}")
     root = Path(config.out)
     out = worker_dir(root, config.worker_index, config.num_workers) if config.num_workers > 1 else root
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out '{out}' is a file; give a folder")
+    for folder in (out, partial_dir(out)):  # a file in its place or above it, a name too long (with .partial), /proc
+        check_output_folder(folder, "prepare output", "--out")
     if out.is_symlink():  # the folder itself is replaced at the end, not the link to it
         out = out.resolve()
     _refuse_data_near(config, out)

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from data_pipeline.errors import DataError
+from data_pipeline.fileio import file_kind
 
 COMPRESSIONS = {".gz": "gzip", ".xz": "xz", ".zst": "zstd", ".bz2": "bz2"}
 FORMATS = {
@@ -234,7 +235,7 @@ def resolve_sources(spec: str | list[str] | tuple[str, ...]) -> list[Source]:
         elif path.is_file():
             sources.append(_file_source(str(path)))
         elif path.exists():
-            raise DataError(f"data source '{item}' is not a regular file or folder ({_file_kind(path)}); "
+            raise DataError(f"data source '{item}' is not a regular file or folder ({file_kind(path)}); "
                             "tlm reads files it can hash and read again: copy the data to a file")
         elif glob.has_magic(item):
             matches = sorted(p for p in glob.glob(os.path.expanduser(item), recursive=True) if Path(p).is_file())
@@ -263,17 +264,6 @@ def _warn_twice_read(sources: list[Source]) -> None:
         if len(paths) > 1:
             logging.getLogger("tlm").warning("%s are both read: the same text, compressed and not? Remove one to "
                                              "read it once", " and ".join(paths))
-
-
-def _file_kind(path: Path) -> str:
-    import stat
-
-    mode = path.stat().st_mode
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a regular file"
 
 
 def open_binary(source: Source, raw: IO[bytes] | None = None) -> IO[bytes]:

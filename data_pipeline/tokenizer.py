@@ -115,11 +115,13 @@ def train_and_save(out: str, data: Any = None, vocab_size: int = 6400, text_fiel
 
     from data_pipeline import default_data
     from data_pipeline.errors import CheckpointError
+    from data_pipeline.fileio import check_output_folder
     from data_pipeline.locks import FolderLock
     from data_pipeline.sources import resolve_sources
 
     log = logging.getLogger("tlm")
     data = default_data(data)[0]
+    check_output_folder(out, "tokenizer output", "--out")  # a file in its place or above it, a long name, /proc
     if (Path(out) / "tokenizer.json").exists() and not overwrite:
         raise CheckpointError(f"'{out}' already holds a tokenizer; pass --overwrite to replace it")
     reader = DocumentReader(resolve_sources(data), text_field=text_field, sample_by=sample_by, on_error=on_error)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from hostile import child, cli, refused, snapshot
 from data_pipeline import fileio
+from data_pipeline.errors import CheckpointError
 from data_pipeline.fileio import replace_folder
 from tlm.cli import main
 from tlm.training import backends
@@ -279,9 +280,10 @@ def test_a_failed_universal_conversion_leaves_nothing(tmp_path: Path, monkeypatc
     _stub(tmp_path, monkeypatch, CONVERTER)
     monkeypatch.setenv("FAIL", "1")
     path = _backend_folder(tmp_path)
-    with pytest.raises(RuntimeError, match="exit status 3"):
+    with pytest.raises(CheckpointError, match="could not convert .* for a new world size \\(exit status 3") as error:
         backends.convert_to_universal(path)
-    assert sorted(os.listdir(path)) == ["deepspeed"]
+    assert "\n" not in str(error.value) and "its output is in" in str(error.value)  # one line; the output kept
+    assert sorted(os.listdir(path)) == ["deepspeed", "ds_to_universal.log"]  # no half-made conversion
 
 
 def _alive(pid: int) -> bool:
@@ -319,3 +321,30 @@ def test_no_converter_process_outlives_tlm(tmp_path: Path, monkeypatch: pytest.M
     _stub(tmp_path, monkeypatch, CONVERTER)
     backends.convert_to_universal(path)  # the next resume converts afresh, whatever was left
     assert sorted(os.listdir(path)) == ["deepspeed", "deepspeed_universal", "latest_universal"]
+
+
+@pytest.mark.parametrize("command", ["prepare", "tokenizer", "init", "export"])
+def test_output_folders_that_cannot_be_one_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                        command: str) -> None:
+    """A file above --out, a name over 255 bytes, /proc: used to be tracebacks (FileExistsError, ENAMETOOLONG)."""
+    (tmp_path / "afile").write_text("x")
+    source = tmp_path / "corpus.txt"
+    source.write_text("some text\n" * 50)
+    model = tmp_path / "model"
+    assert cli(["init", "--out", model, "--preset", "debug"], capsys)[0] == 0
+    args = {"prepare": ["--data", source, "--tokenizer", tmp_path / "tok"], "init": ["--preset", "debug"],
+            "tokenizer": ["--data", source, "--vocab_size", 300], "export": ["--checkpoint", model]}[command]
+    what = {"prepare": "prepare output", "tokenizer": "tokenizer output", "init": "model folder",
+            "export": "export folder"}[command]
+    before = snapshot(tmp_path)
+    refused([command, "--out", tmp_path / "afile" / "out", *args], capsys, f"{what} '{tmp_path / 'afile' / 'out'}' "
+            f"cannot be created: '{tmp_path / 'afile'}' is not a directory (it is a regular file)")
+    refused([command, "--out", tmp_path / ("r" * 300), *args], capsys, "name too long (300 > 255 bytes")
+    refused([command, "--out", "/proc/tlm-out", *args], capsys, "is on /proc, a proc file system")
+    assert snapshot(tmp_path) == before
+
+
+def test_init_refuses_a_seed_torch_cannot_take(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    refused(["init", "--out", tmp_path / "m", "--preset", "debug", "--seed", 2**77], capsys, "--seed must be below 2**64")
+    refused(["init", "--out", tmp_path / "m", "--preset", "debug", "--seed", -1], capsys, "--seed must be at least 0")
+    assert not (tmp_path / "m").exists()

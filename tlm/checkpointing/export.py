@@ -25,7 +25,7 @@ from tlm.checkpointing.model_dir import CONFIG_NAME, load_config, read_weights
 from tlm.model.config import ModelConfig
 from tlm.training import faults
 from data_pipeline.errors import ExportError
-from data_pipeline.fileio import atomic_write_json, honour_umask, replace_folder, unknown_entries
+from data_pipeline.fileio import atomic_write_json, check_output_folder, honour_umask, replace_folder, unknown_entries
 from data_pipeline.tokenizer_files import TOKENIZER_FILES, copy_tokenizer_files, has_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -121,6 +121,7 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, dtype: 
 
 def _check_out(checkpoint: Path, out: Path, overwrite: bool) -> None:
     """OUT may be new, empty or an earlier export; anything else only with --overwrite; a tlm model never."""
+    check_output_folder(out, "export folder", "--out")  # a name too long, a file above it, /proc
     if not out.exists():
         return
     if not out.is_dir():

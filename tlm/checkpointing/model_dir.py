@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 import tlm
 from tlm.model.config import ModelConfig
 from data_pipeline.errors import CheckpointError, ConfigError
-from data_pipeline.fileio import atomic_write_json, honour_umask, replace_folder, unknown_entries
+from data_pipeline.fileio import atomic_write_json, check_output_folder, honour_umask, replace_folder, unknown_entries
 from data_pipeline.schema import Field, NonNegInt, PosInt, Schema, StrictInt, load_json_text, parse
 from tlm.model.transformer import TransformerLM
 from data_pipeline.tokenizer_files import TOKENIZER_FILES, copy_tokenizer_files, has_tokenizer
@@ -247,6 +247,7 @@ def init_model_dir(out: str, preset: str = "tlm-26m", tokenizer: str | None = No
 def _check_init_target(out: Path, overwrite: bool, tokenizer: str | None) -> None:
     """`tlm init` replaces its folder whole: a model (only with --overwrite), an empty folder, the folder of the
     --tokenizer itself (its files are copied in); never, without --overwrite, a folder holding anything else."""
+    check_output_folder(out, "model folder", "--out")  # a name too long, a file above it, /proc
     if not out.exists():
         return
     if not out.is_dir():

@@ -13,6 +13,7 @@ import inspect
 import logging
 import textwrap
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -212,9 +213,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)  # rank 0 says it
         _report(e, f"tlm: error: {e}")
         sys.exit(2)
-    except KeyboardInterrupt as e:
-        _report(e, "tlm: interrupted")
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP where a command stops as Ctrl-C does (prepare)
+        signum = getattr(e, "signum", signal.SIGINT)
+        _report(e, "tlm: interrupted" + (f" by {signal.Signals(signum).name}" if signum != signal.SIGINT else ""))
+        sys.exit(128 + signum)
     except OSError as e:
         if e.errno in (errno.EMFILE, errno.ENFILE):
             _report(e, f"tlm: error: {too_many_open_files(e)}")

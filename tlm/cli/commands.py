@@ -103,7 +103,9 @@ def init(out: str, preset: str = "tlm-26m", tokenizer: str | None = None, seed: 
             --norm_position=post --position_embedding=nope --mlp=silu --rope_scaling=yarn:4:512.
     """
     from tlm.checkpointing.model_dir import init_model_dir
+    from tlm.inference import check_int
 
+    check_int("--seed", seed, 0, 2**64)  # what torch.manual_seed takes
     emit(init_model_dir(out, preset, tokenizer, seed, overwrite, overrides))
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from data_pipeline.errors import ConfigError
+from data_pipeline.errors import CheckpointError, ConfigError
 from data_pipeline.fileio import atomic_write_bytes, atomic_write_json, replace_folder
 from tlm.model.transformer import TransformerLM
 from tlm.training.optim import adamw, param_groups
@@ -308,8 +308,13 @@ def convert_to_universal(path: Path) -> None:
         command = [*UNIVERSAL_CONVERTER, "--input_folder", str(path / DS_TAG), "--output_folder", str(tmp),
                    "--inject_missing_state"]
         code, output = run_as_group(command)
-        if code != 0:
-            raise RuntimeError(f"ds_to_universal failed on {path} (exit status {code}):\n{output[-2000:]}")
+        if code != 0:  # its output kept beside the checkpoint; the error is one line
+            report = path / "ds_to_universal.log"
+            atomic_write_bytes(report, output.encode("utf-8", "replace"))
+            last = next((line for line in reversed(output.splitlines()) if line.strip()), "no output")
+            raise CheckpointError(f"DeepSpeed's ds_to_universal could not convert {path} for a new world size (exit "
+                                  f"status {code}: {last.strip()[:200]}); its output is in {report}; resume on the "
+                                  "checkpoint's own number of ranks, or from another checkpoint")
         atomic_write_json(tmp / CONVERTED, {"converted_from": DS_TAG, "exit_status": code})
     if (path / "latest_universal").is_file():  # the converter names its output folder there: the temporary name
         atomic_write_bytes(path / "latest_universal", target.name.encode())

@@ -60,26 +60,11 @@ def peak_flops(device_name: str) -> float | None:
     return None
 
 
-def file_kind(path: Path) -> str:
-    """What a path is, for a message: a regular file, a FIFO, a character device, ..., a folder."""
-    import stat
-
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as e:
-        return "a symbolic link to nothing" if os.path.islink(path) else f"unreadable: {e.strerror}"
-    for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
 def check_metrics_file(path: Path) -> None:
     """Refuse a metrics.jsonl that is there but not a regular file: a FIFO would block the run at its first line
     (and a device swallow every line). RankAgreedError: every rank sees the same run folder, rank 0 says it."""
     from data_pipeline.errors import RankAgreedError
+    from data_pipeline.fileio import file_kind
 
     if os.path.lexists(path) and not os.path.isfile(path):
         raise RankAgreedError(f"{path} is not a regular file (it is {file_kind(path)}): tlm appends the run's figures "

@@ -17,8 +17,6 @@ MIN_OPEN_FILES = 64
 """The fewest open files `tlm train` starts with. Measured: the debug recipe on prepared data peaks at 7 in its
 process; preparing on first use at about 16 + 4 per tokenizing process (24 with 2, 48 with 8); gloo and NCCL
 add sockets per peer. A limit under this is refused up front; an EMFILE later is one line too (tlm.cli)."""
-VIRTUAL_FILESYSTEMS = {"proc", "sysfs", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs", "pstore", "bpf",
-                       "configfs", "devpts", "mqueue", "fusectl", "efivarfs", "binfmt_misc"}
 
 
 def default_recipe() -> Path:
@@ -88,56 +86,17 @@ def check_open_files() -> None:
         raise TLMError(f"tlm train needs at least {MIN_OPEN_FILES} open files: {open_files_limit()}")
 
 
-def _filesystem(path: Path) -> tuple[str, str] | None:
-    """(mount point, filesystem type) of an existing path, from /proc/self/mountinfo; None where there is none."""
-    import re
-
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return None
-    real, best = os.path.realpath(path), None
-    for line in lines:
-        fields = line.split()
-        if "-" not in fields[6:]:
-            continue
-        mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-        inside = real == mount or real.startswith(mount.rstrip("/") + "/")
-        if inside and (best is None or len(mount) >= len(best[0])):
-            best = (mount, fields[fields.index("-", 6) + 1])
-    return best
-
-
 def check_run_folder(run_dir: Path) -> None:
     """Refuse, before any work, a run folder tlm could not create or keep files in (a name too long, a file or a
     device in its place or above it, a kernel file system such as /proc), and a metrics.jsonl that is not a
     regular file (a FIFO would hang the first write): one line naming the path and why."""
-    from data_pipeline.errors import RankAgreedError
-    from tlm.training.metrics import check_metrics_file, file_kind
+    from data_pipeline.errors import RankAgreedError, TLMError
+    from data_pipeline.fileio import check_output_folder
+    from tlm.training.metrics import check_metrics_file
 
-    shown = f"run folder '{run_dir}'"
-    path = Path(os.path.abspath(run_dir))
-    existing = path
-    while not os.path.lexists(existing):
-        existing = existing.parent
     try:
-        name_max, path_max = os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
-    except (OSError, ValueError):
-        name_max, path_max = 255, 4096
-    for part in path.parts[1:]:
-        if len(os.fsencode(part)) > name_max:
-            raise RankAgreedError(f"{shown}: name too long ({len(os.fsencode(part))} > {name_max} bytes: "
-                                  f"'{part[:24]}...'); choose a shorter --logging.run_dir")
-    if len(os.fsencode(str(path))) >= path_max:
-        raise RankAgreedError(f"{shown}: path too long ({len(os.fsencode(str(path)))} >= {path_max} bytes); choose a "
-                              "shorter --logging.run_dir")
-    if existing == path and not path.is_dir():
-        raise RankAgreedError(f"{shown} is not a directory (it is {file_kind(path)}); give --logging.run_dir a folder")
-    if existing != path and not existing.is_dir():
-        raise RankAgreedError(f"{shown} cannot be created: '{existing}' is not a directory "
-                              f"(it is {file_kind(existing)})")
-    mount = _filesystem(existing)
-    if mount is not None and mount[1] in VIRTUAL_FILESYSTEMS:
-        raise RankAgreedError(f"{shown} is on {mount[0]}, a {mount[1]} file system (the kernel's, not one for files); "
-                              "choose another --logging.run_dir")
+        check_output_folder(run_dir, "run folder", "--logging.run_dir")
+    except TLMError as e:
+        raise RankAgreedError(str(e)) from None
+    path = Path(os.path.abspath(run_dir))
     check_metrics_file(path / "metrics.jsonl")
