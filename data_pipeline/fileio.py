@@ -293,6 +293,9 @@ class LineAppender:
         self.path = Path(path)
         self.fsync = fsync
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if os.path.lexists(self.path) and not os.path.isfile(self.path):  # a FIFO would block the first write
+            raise TLMError(f"{self.path} is not a regular file (it is {file_kind(self.path)}): tlm appends whole lines "
+                           "to it; remove it and rerun")
         cut_torn_tail(self.path)
         try:
             self.fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)

@@ -348,3 +348,12 @@ def test_init_refuses_a_seed_torch_cannot_take(tmp_path: Path, capsys: pytest.Ca
     refused(["init", "--out", tmp_path / "m", "--preset", "debug", "--seed", 2**77], capsys, "--seed must be below 2**64")
     refused(["init", "--out", tmp_path / "m", "--preset", "debug", "--seed", -1], capsys, "--seed must be at least 0")
     assert not (tmp_path / "m").exists()
+
+
+def test_an_append_only_log_that_is_a_fifo_is_refused(tmp_path: Path) -> None:
+    """A prepare journal or metrics.jsonl that is a FIFO used to block the first write for good."""
+    from data_pipeline.errors import TLMError
+
+    os.mkfifo(tmp_path / "journal.jsonl")
+    with pytest.raises(TLMError, match="journal.jsonl is not a regular file \\(it is a FIFO\\)"):
+        fileio.LineAppender(tmp_path / "journal.jsonl")
