@@ -551,10 +551,7 @@ class DocumentReader:
         except DataError:
             raise
         except Exception as e:
-            error = _decompression_error(source, lineno, e)
-            if error is None:
-                raise
-            raise error from None
+            raise _decompression_error(source, lineno, e) or e
 
     def _jsonl(self, source: Source) -> Iterator[tuple[int, str, bool]]:
         for lineno, raw in self._lines(source):
@@ -712,10 +709,7 @@ class DocumentReader:
         except DataError:
             raise
         except Exception as e:
-            error = _decompression_error(source, lineno, e)
-            if error is None:
-                raise
-            raise error from None
+            raise _decompression_error(source, lineno, e) or e
         if in_document:
             yield (1 if by == "document" else start), "", True
 

@@ -64,6 +64,20 @@ class Crash(Exception):
     pass
 
 
+def crashing_journal(after: int) -> type:
+    """prepare's journal, raising Crash (a kill) once it has committed `after` records."""
+    commits = {"n": 0}
+
+    class Journal(prepare_module.LineAppender):
+        def write_json(self, record: dict) -> None:
+            super().write_json(record)
+            commits["n"] += 1
+            if commits["n"] >= after:
+                raise Crash()
+
+    return Journal
+
+
 def edit_while_read(monkeypatch: pytest.MonkeyPatch, path: Path, old: bytes, new: bytes) -> None:
     """Rewrite `path` in place (same size: `old` becomes `new`) once prepare has read its first 64 KiB, as an editor
     or a sync tool writing the file under a running prepare would."""
@@ -111,14 +125,7 @@ def test_a_prepare_killed_after_its_source_changed_under_it_starts_afresh(
     committed hold the edited text, and the journal's record of the bytes they came from says so."""
     original = corpus.read_bytes()
     out = tmp_path / "out"
-    commits = {"n": 0}
-
-    class Journal(prepare_module.LineAppender):
-        def write_json(self, record: dict) -> None:
-            super().write_json(record)
-            commits["n"] += 1
-            if commits["n"] >= 3:
-                raise Crash()
+    Journal = crashing_journal(after=3)
 
     with monkeypatch.context() as patch:
         edit_while_read(patch, corpus, b"the", b"THE")
@@ -382,14 +389,7 @@ def test_an_interrupted_overwrite_keeps_the_old_dataset_and_resumes(
     """--overwrite used to delete the old dataset first: a kill then left none. Now it is replaced at the end."""
     out = copy_dataset(reference, tmp_path / "out")
     before = snapshot(out)
-    commits = {"n": 0}
-
-    class Journal(prepare_module.LineAppender):
-        def write_json(self, record: dict) -> None:
-            super().write_json(record)
-            commits["n"] += 1
-            if commits["n"] >= 3:
-                raise Crash()
+    Journal = crashing_journal(after=3)
 
     with monkeypatch.context() as patch:
         patch.setattr(prepare_module, "LineAppender", Journal)
