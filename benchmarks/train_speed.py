@@ -29,7 +29,7 @@ from tlm.training.backends import DistInfo, PlainBackend
 from tlm.checkpointing.model_dir import save_model_dir
 from tlm.model.config import get_preset
 from tlm.checkpointing.export import export_hf
-from tlm.training.metrics import flops_per_token, peak_flops
+from tlm.model.flops import flops_per_token, peak_flops
 from tlm.model.transformer import TransformerLM
 from tlm.training.config import load_config
 

@@ -1,7 +1,7 @@
 """The data pipeline: raw text -> BPE tokenizer -> packed Arrow shards -> a rank-aware, resumable stream.
 
-The lower of tlm's two packages: it never imports `tlm`, and importing it (or running `tlm prepare` /
-`tlm tokenizer`) does not import torch; only `data_pipeline.stream`, the bridge to training, does.
+It stands on `tlm_base` (errors, files, locks, schemas) and never imports `tlm`; importing it (or running
+`tlm prepare` / `tlm tokenizer`) does not import torch; only `data_pipeline.stream`, the bridge to training, does.
 """
 
 from __future__ import annotations

@@ -17,10 +17,10 @@ import numpy as np
 import pyarrow as pa
 
 from data_pipeline.formats import DatasetManifest
-from data_pipeline.shards import BATCH_ROWS, FORMAT, FORMAT_VERSION, MANIFEST, shard_schema
+from data_pipeline.shards import FORMAT, FORMAT_VERSION, MANIFEST, shard_schema
 from data_pipeline.sources import DataError
-from data_pipeline.fileio import sha256_file
-from data_pipeline.schema import inside, load_json_text, parse
+from tlm_base.fileio import sha256_file
+from tlm_base.schema import inside, load_json_text, parse
 
 
 def _schema_text(schema: pa.Schema) -> str:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from data_pipeline.shards import FORMAT, FORMAT_VERSION
-from data_pipeline.schema import NonNegInt, PosInt, RelativeFile, Schema, Sha256, StrictBool, StrictInt, StrictStr
+from tlm_base.schema import NonNegInt, PosInt, RelativeFile, Schema, Sha256, StrictBool, StrictInt, StrictStr
 
 
 class ShardEntry(Schema):

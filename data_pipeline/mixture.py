@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from data_pipeline.dataset import TokenRows
-from data_pipeline.errors import DataError
+from tlm_base.errors import DataError
 
 
 @dataclass

@@ -56,13 +56,13 @@ from data_pipeline.sources import (
 from data_pipeline.tokenizer import EOT, separator_token, tokenizer_sha256
 from data_pipeline.workers import assign_sources, worker_dir
 from data_pipeline.formats import JournalEntry, JournalHeader
-from data_pipeline.fileio import (
+from tlm_base.fileio import (
     DiskFullError, LineAppender, atomic_write_json, check_output_folder, cut_torn_tail, disk_full, fsync_path,
     is_disk_full, sha256_file,
 )
-from data_pipeline.locks import FolderLock
+from tlm_base.locks import FolderLock
 from data_pipeline.parallel import BatchEncoder, available_cores
-from data_pipeline.schema import parse
+from tlm_base.schema import parse
 from data_pipeline.tokenizer_files import load_tokenizer
 
 log = logging.getLogger("tlm.prepare")
@@ -458,7 +458,7 @@ def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = Tru
         out = out.resolve()
     _refuse_data_near(config, out)
     _refuse_foreign_files(out)
-    # The lock is a file beside OUT (not inside: OUT is swapped away at the end; see fileio.replace_folder), and
+    # The lock is a file beside OUT (not inside: OUT is swapped away at the end; see tlm_base.folders.replace_folder), and
     # OUT's own .lock where there is one (an older tlm's prepare, a holder that locks the folder itself).
     hint = "wait for that prepare to finish, or choose another --out"
     parent = out.absolute().parent
@@ -586,14 +586,14 @@ def _swap_in(partial: Path, out: Path) -> None:
     """Make the whole dataset in `partial` the folder `out` (under prepare's lock): one atomic exchange of the two
     folders where the filesystem allows it, else two renames (`out` is then missing for an instant, never half
     made). The previous folder is deleted; a reader that has its files open keeps reading them."""
-    from data_pipeline.fileio import _exchange
+    from tlm_base.folders import exchange
 
     (partial / JOURNAL).unlink(missing_ok=True)
     replaced = _replaced_dir(out)
     shutil.rmtree(replaced, ignore_errors=True)
     if not os.path.lexists(out):
         os.rename(partial, out)
-    elif _exchange(partial, out):
+    elif exchange(partial, out):
         os.rename(partial, replaced)  # the old folder, now under the partial name
     else:
         os.rename(out, replaced)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from data_pipeline.fileio import fsync_path, sha256_file
+from tlm_base.fileio import fsync_path, sha256_file
 
 FORMAT = "tlm-tokens"
 FORMAT_VERSION = 1

@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from data_pipeline.errors import DataError
-from data_pipeline.fileio import file_kind
+from tlm_base.errors import DataError
+from tlm_base.fileio import file_kind
 
 COMPRESSIONS = {".gz": "gzip", ".xz": "xz", ".zst": "zstd", ".bz2": "bz2"}
 FORMATS = {

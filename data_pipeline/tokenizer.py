@@ -114,9 +114,9 @@ def train_and_save(out: str, data: Any = None, vocab_size: int = 6400, text_fiel
     import time
 
     from data_pipeline import default_data
-    from data_pipeline.errors import CheckpointError
-    from data_pipeline.fileio import check_output_folder
-    from data_pipeline.locks import FolderLock
+    from tlm_base.errors import CheckpointError
+    from tlm_base.fileio import check_output_folder
+    from tlm_base.locks import FolderLock
     from data_pipeline.sources import resolve_sources
 
     log = logging.getLogger("tlm")
@@ -147,8 +147,8 @@ def import_tokenizer(src: str | Path, out: str | Path, overwrite: bool = False) 
     files when present) into OUT, after checking that tlm can use it: it loads, and it has an end-of-text token
     to separate documents with (`<|endoftext|>`, else the eos_token its config names, else a conventional EOS).
     The model's bos / eos / pad ids are then taken from it, as from a tokenizer tlm trained."""
-    from data_pipeline.errors import DataError
-    from data_pipeline.locks import FolderLock
+    from tlm_base.errors import DataError
+    from tlm_base.locks import FolderLock
     from data_pipeline.tokenizer_files import copy_tokenizer_files, load_tokenizer, special_token_ids
 
     src, out = Path(src), Path(out)

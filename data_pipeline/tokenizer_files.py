@@ -14,8 +14,8 @@ import numpy as np
 
 from tokenizers import Tokenizer
 
-from data_pipeline.errors import CheckpointError
-from data_pipeline.schema import Schema, StrictStr, load_json_text, parse
+from tlm_base.errors import CheckpointError
+from tlm_base.schema import Schema, StrictStr, load_json_text, parse
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # Names tried, in order, when tokenizer_config.json does not say which token plays a role.

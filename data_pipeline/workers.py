@@ -9,7 +9,7 @@ from typing import Any
 
 from data_pipeline.shards import MANIFEST
 from data_pipeline.sources import DataError, Source
-from data_pipeline.fileio import atomic_write_json
+from tlm_base.fileio import atomic_write_json
 
 SPLITS = ("train", "val")
 
@@ -41,7 +41,7 @@ def assign_sources(sources: list[Source], workers: int, index: int) -> tuple[lis
 
 def merge_workers(out_dir: str | Path) -> dict[str, Any]:
     """Combine the manifests of `prepare --num-workers N` runs into OUT/manifest.json (one merge at a time)."""
-    from data_pipeline.locks import FolderLock
+    from tlm_base.locks import FolderLock
 
     root = Path(out_dir)
     if not root.is_dir():

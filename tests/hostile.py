@@ -88,7 +88,7 @@ def train_args(prepared: Path, run_dir: Path, **overrides: Any) -> list[str]:
 
 def hold_lock(folder: Path) -> subprocess.Popen:
     """Another process holding FOLDER/.lock (as a running tlm would), returned once it holds it."""
-    code = ("import sys, time; from data_pipeline.locks import FolderLock; FolderLock(sys.argv[1]).acquire(); "
+    code = ("import sys, time; from tlm_base.locks import FolderLock; FolderLock(sys.argv[1]).acquire(); "
             "print('held', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers import debug_config
 from tlm.checkpointing.model_dir import CONFIG_NAME, WEIGHTS_NAME, load_config, load_model_dir, save_model_dir
-from data_pipeline.errors import CheckpointError
+from tlm_base.errors import CheckpointError
 from tlm.model.transformer import TransformerLM
 
 

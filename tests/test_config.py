@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tlm.model.config import ModelConfig, get_preset, parse_rope_scaling
-from data_pipeline.errors import ConfigError
+from tlm_base.errors import ConfigError
 from tlm.model.transformer import TransformerLM
 
 TLM_26M_PARAMETERS = 25_829_888

@@ -11,7 +11,7 @@ import torch
 from helpers import debug_config
 from tlm.checkpointing.model_dir import save_model_dir
 from tlm.model.config import get_preset
-from data_pipeline.errors import ExportError
+from tlm_base.errors import ExportError
 from tlm.checkpointing.export import export_hf
 from tlm.model.generate import generate
 from tlm.model.transformer import TransformerLM

@@ -19,10 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_pipeline.errors import CheckpointError, TrainingError
+from tlm_base.errors import CheckpointError, TrainingError
 from tlm.training.trainer import train
 from tlm.training.config import load_config
-from tlm.checkpointing.checkpoints import find_resume, verify
+from tlm.checkpointing.layout import verify
+from tlm.checkpointing.lineage import find_resume
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,7 +21,7 @@ import zstandard
 
 from data_pipeline.dataset import TokenRows
 from data_pipeline.sources import DataError, DocumentReader, resolve_sources
-from data_pipeline.errors import TLMError
+from tlm_base.errors import TLMError
 
 SEED = int(os.environ.get("TLM_FUZZ_SEED", "0"))
 ROUNDS = int(os.environ.get("TLM_FUZZ_ROUNDS", "60"))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import os
 import resource
-import sys
 import time
 from pathlib import Path
 

@@ -12,7 +12,7 @@ import pytest
 
 from data_pipeline.shards import shard_schema
 from hostile import cli, copy_dataset, edit_json, refused, snapshot, train_args
-from data_pipeline.fileio import sha256_file
+from tlm_base.fileio import sha256_file
 
 
 @pytest.fixture(scope="module")

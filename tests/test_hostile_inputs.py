@@ -11,7 +11,6 @@ import lzma
 import os
 import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from hostile import cli, edit_json, refused, snapshot, train_args
-from tlm.checkpointing.checkpoints import COMPLETE, find_resume, manifest, read_latest, verify
+from tlm.checkpointing.checkpoints import manifest
+from tlm.checkpointing.layout import COMPLETE, read_latest, verify
+from tlm.checkpointing.lineage import find_resume
 from tlm.checkpointing.lineage import plan_start
 from tlm.training.config import load_config
 from tlm.training.trainer import rerun_hint

@@ -1,6 +1,6 @@
 """Hostile input: folders tlm writes whole (`tlm export`, `tlm init`, the model folder of a checkpoint, DeepSpeed's
 universal conversion) written over an earlier one, by two processes at once, or killed half-way. Each appears
-whole or not at all: it is built beside its final name and swapped in under a lock (`fileio.replace_folder`), so
+whole or not at all: it is built beside its final name and swapped in under a lock (`tlm_base.folders.replace_folder`), so
 no stale file survives, two writers never mix, and a kill leaves the earlier folder whole."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hostile import child, cli, refused, snapshot
-from data_pipeline import fileio
-from data_pipeline.errors import CheckpointError
-from data_pipeline.fileio import replace_folder
+from tlm_base import fileio, folders
+from tlm_base.errors import CheckpointError
+from tlm_base.folders import replace_folder
 from tlm.cli import main
 from tlm.training import backends
 
@@ -182,7 +182,7 @@ def test_the_fallback_swap_recovers_from_a_kill_between_its_renames(tmp_path: Pa
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the filesystem cannot exchange two folders in one step (NFS), the old folder is renamed aside first:
     a kill right then leaves it whole as .NAME.old-PID, which the next writer puts back before replacing it."""
-    monkeypatch.setattr(fileio, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(folders, "exchange", lambda a, b: False)
     target = tmp_path / "m"
     for text in ("one", "two"):
         with replace_folder(target) as tmp:
@@ -352,7 +352,7 @@ def test_init_refuses_a_seed_torch_cannot_take(tmp_path: Path, capsys: pytest.Ca
 
 def test_an_append_only_log_that_is_a_fifo_is_refused(tmp_path: Path) -> None:
     """A prepare journal or metrics.jsonl that is a FIFO used to block the first write for good."""
-    from data_pipeline.errors import TLMError
+    from tlm_base.errors import TLMError
 
     os.mkfifo(tmp_path / "journal.jsonl")
     with pytest.raises(TLMError, match="journal.jsonl is not a regular file \\(it is a FIFO\\)"):

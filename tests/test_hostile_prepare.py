@@ -166,7 +166,7 @@ def test_a_journal_write_that_fails_tears_no_line(tmp_path: Path) -> None:
 import resource, signal, sys
 sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
 from pathlib import Path
-from data_pipeline.fileio import LineAppender, DiskFullError
+from tlm_base.fileio import LineAppender, DiskFullError
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 j = LineAppender(Path({str(path)!r}))
 j.write_json({{"a": 1}})

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hostile import cli, copy_dataset, edit_json, refused, snapshot, train_args
-from data_pipeline.fileio import sha256_file
+from tlm_base.fileio import sha256_file
 from tlm.training.metrics import read_metrics
 
 
@@ -155,8 +155,8 @@ def test_a_complete_manifest_naming_a_file_outside_is_passed_over(prepared: Path
 
 
 def test_a_latest_pointer_out_of_the_run_is_refused(stopped: Path) -> None:
-    from data_pipeline.errors import CheckpointError
-    from tlm.checkpointing.checkpoints import read_latest
+    from tlm_base.errors import CheckpointError
+    from tlm.checkpointing.layout import read_latest
 
     assert read_latest(stopped).name == "step-00000004"
     (stopped / "checkpoints" / "latest").write_text("../../../etc\n")

@@ -18,7 +18,8 @@ import pytest
 
 from hostile import REPO, child, cli, hold_lock, refused, snapshot, train_args
 from tlm.training.metrics import read_metrics
-from tlm.checkpointing.checkpoints import find_resume, verify
+from tlm.checkpointing.layout import verify
+from tlm.checkpointing.lineage import find_resume
 
 
 def wait_for_step(run_dir: Path, proc, step: int, timeout: float = 120) -> int:
@@ -64,7 +65,7 @@ def test_the_ablation_runner_and_its_trainer_share_one_claim(tmp_path: Path, pre
     finally:
         holder.kill()
         holder.wait(30)
-    from data_pipeline.locks import FolderLock
+    from tlm_base.locks import FolderLock
 
     with FolderLock(run_dir, "run folder"):
         status, _, err = cli(train_args(prepared, run_dir, **{"train.max_steps": 2}), capsys)
@@ -209,7 +210,7 @@ def test_a_torn_metrics_line_is_cut_when_the_run_resumes(tmp_path: Path, prepare
 
 
 def test_a_garbled_metrics_line_is_named_when_read_back(tmp_path: Path) -> None:
-    from data_pipeline.errors import TLMError
+    from tlm_base.errors import TLMError
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 8.0}\n{"step": "two", "loss": 7.0}\n{"step": 3, "loss": 6.0}\n')

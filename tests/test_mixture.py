@@ -13,7 +13,7 @@ import pytest
 
 from data_pipeline import TINYSHAKESPEARE
 from data_pipeline.dataset import TokenRows
-from data_pipeline.errors import DataError
+from tlm_base.errors import DataError
 from data_pipeline.mixture import MixedRows, MixPart, allocate, parse_mix
 from data_pipeline.prepare import PrepareConfig, prepare
 from data_pipeline.stream import TokenStream

@@ -14,8 +14,8 @@ from data_pipeline.sources import DataError
 from tlm.training.backends import DistInfo, PlainBackend
 from tlm.checkpointing.model_dir import load_model_dir
 from tlm.model.config import get_preset
-from data_pipeline.errors import CheckpointError, ConfigError
-from tlm.training.metrics import flops_per_token, matmul_params, peak_flops
+from tlm_base.errors import CheckpointError, ConfigError
+from tlm.model.flops import flops_per_token, matmul_params, peak_flops
 from tlm.model.transformer import TransformerLM
 from tlm.training.optim import lr_at, param_groups
 from tlm.training.trainer import train

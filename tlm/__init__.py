@@ -8,7 +8,7 @@ classes below load on first use, so `tlm prepare` and `tlm --help` start in a fr
 
 from typing import Any
 
-from data_pipeline.errors import CheckpointError, ConfigError, ExportError, TLMError
+from tlm_base.errors import CheckpointError, ConfigError, ExportError, TLMError
 
 __version__ = "0.1.0"
 _MODEL = ("ModelConfig", "PRESETS", "get_preset", "TransformerLM")

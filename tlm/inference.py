@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from data_pipeline.errors import CheckpointError, ConfigError
+from tlm_base.errors import CheckpointError, ConfigError
 from tlm.model.config import ModelConfig
 
 log = logging.getLogger("tlm")

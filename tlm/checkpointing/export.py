@@ -4,7 +4,7 @@ tlm's parameter names are Llama's, so the export is a rename (`X` -> `model.X`, 
 `config.json`. Architectures Llama cannot express are refused: they would load without error in
 transformers and silently compute something else.
 
-The folder is built beside OUT and swapped in whole under a lock (data_pipeline.fileio.replace_folder): an export
+The folder is built beside OUT and swapped in whole under a lock (tlm_base.folders.replace_folder): an export
 over an earlier one keeps nothing of it (no stale tokenizer), two exports into one folder never mix (the second
 is refused, naming the first), and a kill leaves the earlier export whole. A folder that holds anything an export
 does not write is replaced only with --overwrite.
@@ -24,8 +24,9 @@ from safetensors.torch import save_file
 from tlm.checkpointing.model_dir import CONFIG_NAME, load_config, read_weights
 from tlm.model.config import ModelConfig
 from tlm.training import faults
-from data_pipeline.errors import ExportError
-from data_pipeline.fileio import atomic_write_json, check_output_folder, honour_umask, replace_folder, unknown_entries
+from tlm_base.errors import ExportError
+from tlm_base.fileio import atomic_write_json, check_output_folder, honour_umask, unknown_entries
+from tlm_base.folders import replace_folder
 from data_pipeline.tokenizer_files import TOKENIZER_FILES, copy_tokenizer_files, has_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

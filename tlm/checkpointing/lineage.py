@@ -22,19 +22,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.errors import CheckpointError
-from data_pipeline.fileio import atomic_write_bytes, fsync_path
+from tlm_base.errors import CheckpointError
+from tlm_base.fileio import atomic_write_bytes, fsync_path
+from tlm.checkpointing.layout import (
+    COMPLETE, STEP_NAME, TRAINER, read_latest, read_trainer_state, verify,
+)
 
 log = logging.getLogger("tlm")
 ABANDONED = "abandoned"
-STEP_NAME = re.compile(r"step-(\d{8})")
 RUN_FILES = ("metrics.jsonl", "summary.json", "wandb_run_id")  # what a run writes beside checkpoints/
 
 
@@ -66,8 +67,6 @@ class Entry:
 
 
 def read_entry(path: Path) -> Entry:
-    from tlm.checkpointing.checkpoints import COMPLETE, TRAINER
-
     entry = Entry(path, complete=(path / COMPLETE).is_file() and (path / TRAINER).is_file())
     try:
         state = json.loads((path / TRAINER).read_text(encoding="utf-8"))
@@ -210,8 +209,6 @@ def used_by(run_dir: Path) -> list[str]:
 def wipe_run(run_dir: Path) -> None:
     """Delete an earlier run's checkpoints and files (--checkpoint.overwrite): every COMPLETE first, so that a
     kill during the removal leaves nothing that looks whole."""
-    from tlm.checkpointing.checkpoints import COMPLETE
-
     root = run_dir / "checkpoints"
     if root.is_dir():
         for path in root.rglob(COMPLETE):
@@ -236,8 +233,6 @@ def _used_refusal(run_dir: Path, found: list[str], what: str) -> CheckpointError
 
 
 def _folder_run_id(root: Path, entries: list[Entry]) -> str | None:
-    from tlm.checkpointing.checkpoints import read_latest
-
     try:
         latest = read_latest(root.parent)
     except CheckpointError:
@@ -251,8 +246,6 @@ def _folder_run_id(root: Path, entries: list[Entry]) -> str | None:
 def _first_sound(candidates: list[Entry], root: Path) -> Entry | None:
     """The first sound checkpoint of `candidates` (hashes checked), warning about those passed over; an error
     when some were damaged and none is sound (rather than start afresh over hours of training)."""
-    from tlm.checkpointing.checkpoints import verify
-
     passed = []
     for entry in candidates:
         problem = verify(entry.path)
@@ -273,8 +266,6 @@ def _first_sound(candidates: list[Entry], root: Path) -> Entry | None:
 
 def _auto(run_dir: Path) -> Start:
     """--checkpoint.resume=auto: follow `latest` down its line to the first sound checkpoint."""
-    from tlm.checkpointing.checkpoints import read_latest
-
     root = run_dir / "checkpoints"
     entries = step_folders(root)
     latest_path = read_latest(run_dir)
@@ -317,8 +308,6 @@ def _inside(path: Path, root: Path) -> bool:
 def plan_start(run_dir: Path, resume: str, overwrite: bool = False) -> Start:
     """Decide, without changing anything, how the run in `run_dir` starts for --checkpoint.resume=`resume`
     (auto | none | a checkpoint folder) and --checkpoint.overwrite; `Start.apply` then makes it so."""
-    from tlm.checkpointing.checkpoints import read_trainer_state, verify
-
     root = run_dir / "checkpoints"
     if resume == "auto":
         return _auto(run_dir)
@@ -366,8 +355,6 @@ def prune(run_dir: Path, keep_last: int, newest: Path) -> None:
     """Keep the `keep_last` newest complete checkpoints of `newest`'s line (`newest` among them) and delete its
     older ones, and leftovers of kills older than those kept. Checkpoints of other lines (abandoned/, or of
     another run) are never deleted."""
-    from tlm.checkpointing.checkpoints import COMPLETE
-
     if keep_last <= 0:
         return
     entries = step_folders(run_dir / "checkpoints")
@@ -386,3 +373,12 @@ def prune(run_dir: Path, keep_last: int, newest: Path) -> None:
     for entry in doomed:
         (entry.path / COMPLETE).unlink(missing_ok=True)  # first: a kill during the removal leaves it incomplete
         shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def find_resume(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint a run in `run_dir` would resume for --checkpoint.resume=`resume`, changing nothing: None
+    for 'none' or a fresh run; for 'auto' the first sound checkpoint down the line `latest` names
+    (tlm.checkpointing.lineage). Incomplete checkpoints (a kill while saving) are passed over with a warning,
+    and so are corrupt ones; but when every checkpoint of the line is corrupt the run stops with an error rather
+    than start afresh over hours of training."""
+    return plan_start(run_dir, resume, overwrite=True).resume

@@ -5,7 +5,7 @@
       model.safetensors   weights under the model's own names (tied lm_head stored once)
       tokenizer.json ...  the tokenizer files, when the model has a tokenizer
 
-The folder is built whole beside its final name and swapped in (data_pipeline.fileio.replace_folder), so a
+The folder is built whole beside its final name and swapped in (tlm_base.folders.replace_folder), so a
 crash never leaves a config that points at half-written weights, and a folder written over an older one
 keeps nothing of it (no stale tokenizer). Loading checks the config's keys and every tensor's name, shape
 and dtype (floating point), and names the first that disagrees.
@@ -23,9 +23,10 @@ from safetensors.torch import save_file
 
 import tlm
 from tlm.model.config import ModelConfig
-from data_pipeline.errors import CheckpointError, ConfigError
-from data_pipeline.fileio import atomic_write_json, check_output_folder, honour_umask, replace_folder, unknown_entries
-from data_pipeline.schema import Field, NonNegInt, PosInt, Schema, StrictInt, load_json_text, parse
+from tlm_base.errors import CheckpointError, ConfigError
+from tlm_base.fileio import atomic_write_json, check_output_folder, honour_umask, unknown_entries
+from tlm_base.folders import replace_folder
+from tlm_base.schema import Field, NonNegInt, PosInt, Schema, StrictInt, load_json_text, parse
 from tlm.model.transformer import TransformerLM
 from data_pipeline.tokenizer_files import TOKENIZER_FILES, copy_tokenizer_files, has_tokenizer
 

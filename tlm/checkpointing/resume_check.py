@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.errors import CheckpointError, ConfigError
+from tlm_base.errors import CheckpointError, ConfigError
 
 IDENTITY_KEYS = ("data.seq_len", "data.pack", "train.seed")
 FREE_KEYS = (

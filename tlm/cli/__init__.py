@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from data_pipeline.errors import ConfigError, TLMError
-from data_pipeline.fileio import disk_full, is_disk_full
+from tlm_base.errors import ConfigError, TLMError
+from tlm_base.fileio import disk_full, is_disk_full
 from tlm.cli.commands import COMMANDS
 
 log = logging.getLogger("tlm")

@@ -18,7 +18,7 @@ def emit(result: dict[str, Any]) -> None:
 
 def presets() -> None:
     """List the model presets with their parameter counts and training FLOPs per token (JSON on the last line)."""
-    from tlm.model.config import preset_table
+    from tlm.model.flops import preset_table
 
     table = preset_table()
     print(f"{'preset':18s} {'parameters':>14s} {'layers':>6s} {'hidden':>6s} {'heads q/kv':>10s} "

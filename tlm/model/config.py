@@ -16,8 +16,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from data_pipeline.errors import ConfigError
-from data_pipeline.schema import coerce
+from tlm_base.errors import ConfigError
+from tlm_base.schema import coerce
 
 Norm = Literal["rmsnorm", "layernorm", "none"]
 NormPosition = Literal["pre", "post"]
@@ -94,7 +94,7 @@ class ModelConfig:
         self._validate()
 
     def _check_types(self) -> None:
-        """Every field through the one coercion path of configs (data_pipeline.schema.coerce): strict types,
+        """Every field through the one coercion path of configs (tlm_base.schema.coerce): strict types,
         choices from the Literal annotations, 'true'/'false' and '1e-5' spellings from a command line."""
         for name, annotation in typing.get_type_hints(ModelConfig).items():
             setattr(self, name, coerce(getattr(self, name), annotation, name, ConfigError, prefix="model config key"))
@@ -298,22 +298,3 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
         raise ConfigError(f"unknown preset '{name}'; presets: {', '.join(PRESETS)}")
     values = {**PRESETS[name], **overrides}
     return ModelConfig.from_dict(values, source=f"preset '{name}'")
-
-
-def preset_table() -> dict[str, dict[str, Any]]:
-    """Every preset's resolved config with its parameter count (built on the meta device: nothing allocated)."""
-    import torch
-
-    from tlm.model.transformer import TransformerLM
-
-    from tlm.training.metrics import flops_per_token
-
-    table = {}
-    for name in PRESETS:
-        config = get_preset(name)
-        with torch.device("meta"):
-            parameters = TransformerLM(config).num_parameters()
-        table[name] = {"num_parameters": parameters,
-                       "train_flops_per_token_at_512": flops_per_token(config, min(512, config.max_position_embeddings)),
-                       **config.to_dict()}
-    return table

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.errors import ConfigError
+from tlm_base.errors import ConfigError
 from tlm.training.config import TrainConfig, load_config
 
 log = logging.getLogger("tlm")
@@ -183,7 +183,7 @@ def unigram_reference(scale: str, out: Path, extra: dict[str, Any] | None = None
     import numpy as np
 
     from data_pipeline.dataset import TokenRows
-    from data_pipeline.fileio import atomic_write_json
+    from tlm_base.fileio import atomic_write_json
     from tlm.training.data import resolve_data
 
     path = out / UNIGRAM
@@ -229,7 +229,7 @@ def run_local(runs: list[dict[str, Any]], scale: str, out: Path) -> list[str]:
     started on the same OUT share the work (one per core, say); the lock dies with its process, so a crash
     never leaves a run claimed.
     """
-    from data_pipeline.locks import FolderInUse, FolderLock
+    from tlm_base.locks import FolderInUse, FolderLock
     from tlm.training.trainer import train
 
     trained = []

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from tlm.studies.ablate import YARN_FACTORS
-from data_pipeline.errors import TLMError
-from data_pipeline.fileio import atomic_write_json
-from data_pipeline.schema import PosInt, Schema, load_json_text, parse
-from tlm.checkpointing.checkpoints import read_latest
+from tlm_base.errors import TLMError
+from tlm_base.fileio import atomic_write_json
+from tlm_base.schema import PosInt, Schema, load_json_text, parse
+from tlm.checkpointing.layout import read_latest
 
 
 def _latest_model(run_dir: Path) -> Path | None:

@@ -114,7 +114,7 @@ def _eval_noise(out_dir: Path, report_dir: Path, scale: str, runs: dict[str, dic
     pair = [runs[name]["dir"] for name in ("base-seed0", "base-seed1") if name in runs]
     if len(pair) < 2 or not all((run / "checkpoints").is_dir() for run in pair):
         return None
-    from data_pipeline.fileio import atomic_write_json
+    from tlm_base.fileio import atomic_write_json
     from tlm.training.data import resolve_data
 
     prepared, _ = resolve_data(load_config(base_config_path(scale)), True)

@@ -29,8 +29,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from data_pipeline.errors import CheckpointError, ConfigError
-from data_pipeline.fileio import atomic_write_bytes, atomic_write_json, replace_folder
+from tlm_base.errors import CheckpointError, ConfigError
+from tlm_base.fileio import atomic_write_bytes, atomic_write_json
+from tlm_base.folders import replace_folder
 from tlm.model.transformer import TransformerLM
 from tlm.training.optim import adamw, param_groups
 from tlm.training.config import TrainConfig
@@ -467,7 +468,7 @@ def free_port() -> int:
 def check_resume(path: Path, state: dict[str, Any], config: TrainConfig) -> None:
     """Refuse to resume a checkpoint another backend wrote (its files are another format). Plain and DDP share
     one format; DeepSpeed's must come from the same ZeRO stage."""
-    from data_pipeline.errors import CheckpointError
+    from tlm_base.errors import CheckpointError
 
     backend = config.train.backend
     plain = ("single", "ddp")  # a single process resumes DDP's checkpoint and vice versa

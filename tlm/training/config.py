@@ -24,8 +24,8 @@ from typing import Any, Literal
 
 import yaml
 
-from data_pipeline.errors import ConfigError, TLMError
-from data_pipeline.schema import coerce
+from tlm_base.errors import ConfigError, TLMError
+from tlm_base.schema import coerce
 from tlm.model.config import ModelConfig, check_keys, get_preset
 
 Backend = Literal["single", "ddp", "deepspeed", "fsdp2"]

@@ -24,8 +24,8 @@ import torch.distributed as dist
 
 from data_pipeline.dataset import TokenRows, load_manifest
 from tlm.training.backends import from_rank0
-from data_pipeline.errors import CheckpointError, ConfigError
-from data_pipeline.locks import FolderLock
+from tlm_base.errors import CheckpointError, ConfigError
+from tlm_base.locks import FolderLock
 from tlm.checkpointing.resume_check import NEW_RUN
 from tlm.model.config import ModelConfig
 from tlm.training.config import TrainConfig

@@ -18,7 +18,7 @@ from data_pipeline.dataset import TokenRows, check_compatible, check_token_range
 from data_pipeline.stream import make_batch
 from tlm.training.backends import DistInfo
 from tlm.checkpointing.model_dir import load_model_dir
-from data_pipeline.errors import CheckpointError, ConfigError
+from tlm_base.errors import CheckpointError, ConfigError
 from tlm.model.transformer import TransformerLM
 
 

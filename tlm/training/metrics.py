@@ -1,15 +1,5 @@
-"""Training figures: FLOPs per token and MFU, the JSONL metrics file, and wandb (imported only when used).
-
-FLOPs per token (forward + backward = 3 x forward), the PaLM / nanoGPT accounting:
-
-    6 * N_matmul + 12 * num_hidden_layers * (num_attention_heads * head_dim) * seq_len
-
-N_matmul counts the weights every token multiplies through: the q/k/v/o and MLP projections of every
-layer plus the output projection (hidden x vocab, counted once even when tied to the embedding; the
-embedding lookup itself is free). The second term is attention's QK^T and AV products over the full
-seq_len window (causal masking is not discounted, as in PaLM's MFU). MFU = FLOPs per token x tokens/s
-/ the device's peak dense bf16 FLOP/s, from the table below; CPUs have no stated peak (tokens/s only).
-"""
+"""Training figures: the JSONL metrics file, the run summary, wandb (imported only when used) and the progress
+bar. FLOPs per token and the devices' peaks (for MFU) are the model's: tlm.model.flops."""
 
 from __future__ import annotations
 
@@ -21,50 +11,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tlm.checkpointing.checkpoints import ValidationFigures
-from tlm.model.config import ModelConfig
-from data_pipeline.fileio import LineAppender, atomic_write_bytes
-from data_pipeline.schema import NonNegInt, PosInt, Schema, StrictBool, load_json_text, parse
+from tlm.checkpointing.layout import ValidationFigures
+from tlm_base.fileio import LineAppender, atomic_write_bytes
+from tlm_base.schema import NonNegInt, PosInt, Schema, StrictBool, load_json_text, parse
 
 log = logging.getLogger("tlm")
-
-# Dense bf16 peak FLOP/s per device (vendor datasheets, SXM / no sparsity).
-PEAK_BF16_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 125e12,
-    "L4": 121e12,
-}
-
-
-def matmul_params(config: ModelConfig) -> int:
-    h, d = config.hidden_size, config.head_dim
-    attention = h * d * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
-    mlp = (3 if config.mlp == "swiglu" else 2) * h * config.intermediate_size
-    return config.num_hidden_layers * (attention + mlp) + h * config.vocab_size
-
-
-def flops_per_token(config: ModelConfig, seq_len: int) -> int:
-    """Training FLOPs per token (see the module docstring)."""
-    attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
-    return 6 * matmul_params(config) + attention
-
-
-def peak_flops(device_name: str) -> float | None:
-    """Peak dense bf16 FLOP/s of a device, matched by name (None when unknown, e.g. CPUs)."""
-    for key, value in PEAK_BF16_FLOPS.items():
-        if key in device_name.upper():
-            return value
-    return None
-
 
 def check_metrics_file(path: Path) -> None:
     """Refuse a metrics.jsonl that is there but not a regular file: a FIFO would block the run at its first line
     (and a device swallow every line). RankAgreedError: every rank sees the same run folder, rank 0 says it."""
-    from data_pipeline.errors import RankAgreedError
-    from data_pipeline.fileio import file_kind
+    from tlm_base.errors import RankAgreedError
+    from tlm_base.fileio import file_kind
 
     if os.path.lexists(path) and not os.path.isfile(path):
         raise RankAgreedError(f"{path} is not a regular file (it is {file_kind(path)}): tlm appends the run's figures "
@@ -110,7 +67,7 @@ class RunSummary(Schema):
 
 def read_summary(path: Path) -> dict[str, Any]:
     """A run's summary.json, validated."""
-    from data_pipeline.errors import TLMError
+    from tlm_base.errors import TLMError
 
     data = load_json_text(path, TLMError)
     parse(RunSummary, data, str(path), TLMError)
@@ -120,7 +77,7 @@ def read_summary(path: Path) -> dict[str, Any]:
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl, each validated; a torn last line (a kill while writing) is left out
     with a warning, a bad line elsewhere is an error naming the line."""
-    from data_pipeline.errors import TLMError
+    from tlm_base.errors import TLMError
 
     if not path.is_file():
         raise TLMError(f"{path} is missing")

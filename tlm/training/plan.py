@@ -59,7 +59,7 @@ class PlanRow:
 def parameter_counts(config: ModelConfig) -> tuple[int, int, int]:
     """(all parameters, the largest single layer's, one decoder block's), from the shapes: the weight matrices as
     the FLOPs count counts them (tlm.training.metrics.matmul_params), plus the norms and an untied lm_head."""
-    from tlm.training.metrics import matmul_params
+    from tlm.model.flops import matmul_params
 
     h, embedding = config.hidden_size, config.vocab_size * config.hidden_size
     norm = h if config.norm != "none" else 0
@@ -148,7 +148,7 @@ def parse_bytes(text: str | int | float) -> int:
             if math.isfinite(result) and result > 0:
                 return int(result)
             break
-    from data_pipeline.errors import ConfigError
+    from tlm_base.errors import ConfigError
 
     raise ConfigError(f"--gpu-mem {text!r}: give a size such as 80GiB, 141GB or 512MiB")
 

@@ -79,7 +79,7 @@ def check_open_files() -> None:
     """Refuse to start with fewer than MIN_OPEN_FILES open files allowed (each rank checks its own process)."""
     import resource
 
-    from data_pipeline.errors import TLMError
+    from tlm_base.errors import TLMError
 
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < MIN_OPEN_FILES:
@@ -90,8 +90,8 @@ def check_run_folder(run_dir: Path) -> None:
     """Refuse, before any work, a run folder tlm could not create or keep files in (a name too long, a file or a
     device in its place or above it, a kernel file system such as /proc), and a metrics.jsonl that is not a
     regular file (a FIFO would hang the first write): one line naming the path and why."""
-    from data_pipeline.errors import RankAgreedError, TLMError
-    from data_pipeline.fileio import check_output_folder
+    from tlm_base.errors import RankAgreedError, TLMError
+    from tlm_base.fileio import check_output_folder
     from tlm.training.metrics import check_metrics_file
 
     try:

@@ -22,12 +22,13 @@ import torch
 import torch.distributed as dist
 
 import tlm
-from data_pipeline.errors import CheckpointError, ConfigError, RankAgreedError, TLMError, TrainingError
-from data_pipeline.fileio import atomic_write_json
-from data_pipeline.locks import FolderLock
+from tlm_base.errors import CheckpointError, ConfigError, RankAgreedError, TLMError, TrainingError
+from tlm_base.fileio import atomic_write_json
+from tlm_base.locks import FolderLock
 from data_pipeline.stream import TokenStream
-from tlm.checkpointing.checkpoints import Checkpointer, ValidationFigures, checkpoint_dir, find_resume, read_trainer_state
-from tlm.checkpointing.lineage import plan_start
+from tlm.checkpointing.checkpoints import Checkpointer
+from tlm.checkpointing.layout import ValidationFigures, checkpoint_dir, read_trainer_state
+from tlm.checkpointing.lineage import find_resume, plan_start
 from tlm.checkpointing.model_dir import read_model_meta, save_model_dir
 from tlm.checkpointing.resume_check import check_config, check_data, diff_lines, model_changes
 from tlm.model.transformer import TransformerLM
@@ -36,7 +37,8 @@ from tlm.training.backends import check_resume, from_rank0, init_distributed, ma
 from tlm.training.config import TrainConfig
 from tlm.training.data import load_run_data
 from tlm.training.evaluate import evaluate, evaluate_parts
-from tlm.training.metrics import RunLogger, flops_per_token, peak_flops
+from tlm.model.flops import flops_per_token, peak_flops
+from tlm.training.metrics import RunLogger
 from tlm.training.optim import lr_at
 from tlm.training.preemption import INTERRUPTED, StopRequest
 

@@ -6,7 +6,7 @@ kill -9), so a lock left by a dead process never blocks a rerun and there is not
 holds the holder's host, pid, start time and command, for the message the next process prints. Taking a lock
 this process already holds (the ablation runner claims a run, then trains it) only counts up.
 
-A folder that is replaced as a whole (`fileio.replace_folder`) is locked through a file beside it
+A folder that is replaced as a whole (`tlm_base.folders.replace_folder`) is locked through a file beside it
 (`FolderLock(folder, file=PARENT/.NAME.lock)`), which works before the folder exists and is not swapped away with
 it; that file is removed when released, and a process that locked a file removed under it locks again.
 
@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.errors import TLMError
+from tlm_base.errors import TLMError
+from tlm_base.fileio import check_output_folder
 
 log = logging.getLogger("tlm")
 LOCK_NAME = ".lock"
@@ -81,8 +82,6 @@ class FolderLock:
             self._outer = outer
             return self
         self._outer = None
-        from data_pipeline.fileio import check_output_folder
-
         check_output_folder(self.folder, self.what)  # a name too long, a file in the way, /proc: one line
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Errors that tlm reports to the user as one clear line instead of a traceback (`tlm: error: ...`, exit 2).
 
-They live in the data layer, the lowest of tlm's two packages, so that both can raise them."""
+They live in the base layer (tlm_base), below both of tlm's packages, so that both can raise them."""
 
 
 class TLMError(Exception):

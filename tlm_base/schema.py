@@ -20,7 +20,7 @@ from pydantic import (
     AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError,
 )
 
-from data_pipeline.errors import TLMError
+from tlm_base.errors import TLMError
 
 __all__ = ["Schema", "parse", "read_json", "coerce", "NonNegInt", "PosInt", "FiniteFloat", "Sha256", "RelativeFile",
            "StrictBool", "StrictInt", "StrictStr", "Field", "inside"]
