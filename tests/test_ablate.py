@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tlm.studies.ablate import EQUIVALENCE_MARGIN, plan, run_local, slug, studies
+from tlm.studies.ablate import run_local
+from tlm.studies.catalogue import EQUIVALENCE_MARGIN, planned_runs, slug, studies
 from tlm.studies.plots import _curve
 from tlm.studies.report import load_run
 from tlm.studies.verdicts import verdict
@@ -31,7 +32,7 @@ def test_every_study_is_derived_from_the_base_recipe() -> None:
 
 
 def test_shared_settings_are_trained_once() -> None:
-    runs = plan(["lr", "norm_position", "norm"], "cpu", seeds=2)
+    runs = planned_runs(["lr", "norm_position", "norm"], "cpu", seeds=2)
     names = [r["name"] for r in runs]
     assert len(names) == len(set(names))
     # lr: 5 settings; pre-norm's three learning rates are among them; post-norm adds 3; norm adds "none".
@@ -43,7 +44,7 @@ def test_shared_settings_are_trained_once() -> None:
 def test_a_run_claimed_by_another_process_is_skipped(tmp_path: Path) -> None:
     import fcntl
 
-    run = plan(["norm"], "cpu", seeds=1)[0]
+    run = planned_runs(["norm"], "cpu", seeds=1)[0]
     run_dir = tmp_path / "runs" / run["name"]
     run_dir.mkdir(parents=True)
     with open(run_dir / ".lock", "w") as lock:  # as another `tlm ablate` on the same folder would hold it

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tlm.studies.ablate import YARN_FACTORS
+from tlm.studies.catalogue import YARN_FACTORS
 from tlm_base.errors import TLMError
 from tlm_base.fileio import atomic_write_json
 from tlm_base.schema import PosInt, Schema, load_json_text, parse

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tlm.studies.ablate import Study
+from tlm.studies.catalogue import Study
 from tlm.studies.stats import mean
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from tlm.studies.ablate import UNIGRAM, Study, base_config_path, slug, studies
+from tlm.studies.catalogue import POSITION_PROBE_R2, UNIGRAM, Study, base_config_path, planned_runs, slug, studies
 from tlm.studies.analysis import EVAL_NOISE, analyse, eval_noise
 from tlm.studies.plots import plot_position, plot_study, plot_yarn
 from tlm.studies.verdicts import cell, compare, verdict
@@ -143,9 +143,7 @@ def _unigram(out_dir: Path, report_dir: Path) -> dict[str, Any] | None:
 
 
 def _planned(names: list[str], scale: str, seeds: int) -> list[dict[str, Any]]:
-    from tlm.studies.ablate import plan
-
-    return plan(names, scale, seeds)
+    return planned_runs(names, scale, seeds)
 
 
 def _overview(base, runs: dict[str, dict], planned: int, unigram: dict | None, noise: dict | None) -> list[str]:
@@ -186,7 +184,6 @@ def _overview(base, runs: dict[str, dict], planned: int, unigram: dict | None, n
 
 
 def _probe_table(analyses: dict[str, list[dict]]) -> list[str]:
-    from tlm.studies.ablate import POSITION_PROBE_R2
 
     layers = max(len(a["position_probe_layers"]) for items in analyses.values() for a in items)
     rows = [f"Where is position? R^2 of a linear (ridge) probe predicting the absolute position from each layer's "

@@ -1,4 +1,4 @@
-"""The decision rules of the ablation studies (tlm.studies.ablate.RULES) applied to runs: one verdict per study.
+"""The decision rules of the ablation studies (tlm.studies.catalogue.RULES) applied to runs: one verdict per study.
 
 Differences are final validation loss (nats), paired over seeds (a seed fixes the initial weights and the data
 order), with Student's t intervals (tlm.studies.stats).
@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tlm.studies.ablate import EQUIVALENCE_MARGIN, STABILITY_MULTIPLIERS, TRAINS_MARGIN, YARN_FACTORS, Study
+from tlm.studies.catalogue import EQUIVALENCE_MARGIN, STABILITY_MULTIPLIERS, TRAINS_MARGIN, YARN_FACTORS, Study
 from tlm.studies.stats import Difference, equivalence, paired_difference, welch_difference
 
 
@@ -123,7 +123,7 @@ def _yarn(study: Study, base: list[dict], groups: dict[str, list[dict]], analyse
 
 RULES_BY_KIND = {"better": _better, "sweep": _sweep, "equivalent": _equivalent, "stability": _stability,
                  "yarn": _yarn}
-"""One function per study kind, each applying the rule stated in tlm.studies.ablate.RULES."""
+"""One function per study kind, each applying the rule stated in tlm.studies.catalogue.RULES."""
 
 
 def verdict(study: Study, groups: dict[str, list[dict]], analyses: dict[str, list[dict]],
