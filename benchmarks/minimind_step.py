@@ -54,7 +54,8 @@ def main(minimind_dir: str, batch: int = 32, seq_len: int = 512, steps: int = 10
         return loss.detach()
 
     from tlm.model.transformer import TransformerLM
-    from tlm.training.backends import DistInfo, PlainBackend
+    from tlm.training.backends.plain import PlainBackend
+    from tlm.training.distributed import DistInfo
     from tlm.training.config import load_config
 
     tlm_config = load_config(None, {"model.preset": "tlm-26m", "batch.micro_batch_size": batch, "data.seq_len": seq_len,

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from alternate import alternate
-from tlm.training.backends import DistInfo, PlainBackend
+from tlm.training.backends.plain import PlainBackend
+from tlm.training.distributed import DistInfo
 from tlm.checkpointing.model_dir import save_model_dir
 from tlm.model.config import get_preset
 from tlm.checkpointing.export import export_hf

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import fire
 
-from tlm.training.backends import free_port
+from tlm.training.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 12

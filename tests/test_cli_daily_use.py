@@ -157,7 +157,7 @@ def test_a_zero_stage_without_deepspeed_is_refused(tmp_path: Path, prepared: Pat
 
 def test_the_deepspeed_op_build_is_announced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                              caplog: pytest.LogCaptureFixture) -> None:
-    from tlm.training.backends import _announce_shm_build
+    from tlm.training.backends.zero import _announce_shm_build
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     with caplog.at_level("INFO"):

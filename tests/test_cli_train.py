@@ -14,7 +14,7 @@ import torch
 
 from data_pipeline import TINYSHAKESPEARE
 from test_cli import last_json, run
-from tlm.training.backends import free_port
+from tlm.training.distributed import free_port
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -22,7 +22,7 @@ from tlm_base import fileio, folders
 from tlm_base.errors import CheckpointError
 from tlm_base.folders import replace_folder
 from tlm.cli import main
-from tlm.training import backends
+from tlm.training.backends import universal
 
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
 
@@ -247,7 +247,7 @@ time.sleep(600)
 def _stub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: str) -> Path:
     script = tmp_path / "converter.py"
     script.write_text(code)
-    monkeypatch.setattr(backends, "UNIVERSAL_CONVERTER", [sys.executable, str(script)])
+    monkeypatch.setattr(universal, "UNIVERSAL_CONVERTER", [sys.executable, str(script)])
     monkeypatch.setenv("CALLS", str(tmp_path / "calls"))
     return script
 
@@ -266,13 +266,13 @@ def test_a_half_made_universal_conversion_is_redone_not_reused(tmp_path: Path, m
     half.mkdir(parents=True)
     (half / "exp_avg.pt").write_text("half")
     (path / ".deepspeed_universal.tmp-999999" / "zero").mkdir(parents=True)  # and a kill now
-    backends.convert_to_universal(path)
+    universal.convert_to_universal(path)
     target = path / "deepspeed_universal"
     assert snapshot(target).keys() == {"CONVERTED", "mp_rank_00_model_states.pt", "zero/embed_tokens.weight/fp32.pt"}
     assert json.loads((target / "CONVERTED").read_text())["exit_status"] == 0
     assert (path / "latest_universal").read_text() == "deepspeed_universal"  # not the temporary name
     assert sorted(os.listdir(path)) == ["deepspeed", "deepspeed_universal", "latest_universal"]
-    backends.convert_to_universal(path)  # complete: reused, not redone
+    universal.convert_to_universal(path)  # complete: reused, not redone
     assert len((tmp_path / "calls").read_text().splitlines()) == 1
 
 
@@ -281,7 +281,7 @@ def test_a_failed_universal_conversion_leaves_nothing(tmp_path: Path, monkeypatc
     monkeypatch.setenv("FAIL", "1")
     path = _backend_folder(tmp_path)
     with pytest.raises(CheckpointError, match="could not convert .* for a new world size \\(exit status 3") as error:
-        backends.convert_to_universal(path)
+        universal.convert_to_universal(path)
     assert "\n" not in str(error.value) and "its output is in" in str(error.value)  # one line; the output kept
     assert sorted(os.listdir(path)) == ["deepspeed", "ds_to_universal.log"]  # no half-made conversion
 
@@ -298,7 +298,7 @@ def _alive(pid: int) -> bool:
 def test_no_converter_process_outlives_tlm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: int) -> None:
     script = _stub(tmp_path, monkeypatch, POOL_CONVERTER)
     path, pids_file = _backend_folder(tmp_path), tmp_path / "pids"
-    code = ("import sys; from pathlib import Path; import tlm.training.backends as b; "
+    code = ("import sys; from pathlib import Path; import tlm.training.backends.universal as b; "
             f"b.UNIVERSAL_CONVERTER = [sys.executable, {str(script)!r}]; b.convert_to_universal(Path(sys.argv[1]))")
     env = {**os.environ, "PIDS": str(pids_file), "OMP_NUM_THREADS": "1"}
     tlm = subprocess.Popen([sys.executable, "-c", code, str(path)], env=env, stdout=subprocess.DEVNULL,
@@ -319,7 +319,7 @@ def test_no_converter_process_outlives_tlm(tmp_path: Path, monkeypatch: pytest.M
     if how == signal.SIGINT:
         assert sorted(os.listdir(path)) == ["deepspeed"]  # interrupted: its temporary folder removed too
     _stub(tmp_path, monkeypatch, CONVERTER)
-    backends.convert_to_universal(path)  # the next resume converts afresh, whatever was left
+    universal.convert_to_universal(path)  # the next resume converts afresh, whatever was left
     assert sorted(os.listdir(path)) == ["deepspeed", "deepspeed_universal", "latest_universal"]
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 
-from tlm.training.backends import free_port
+from tlm.training.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,8 @@ import torch
 
 from data_pipeline.prepare import PrepareConfig, prepare
 from data_pipeline.sources import DataError
-from tlm.training.backends import DistInfo, PlainBackend
+from tlm.training.backends.plain import PlainBackend
+from tlm.training.distributed import DistInfo
 from tlm.checkpointing.model_dir import load_model_dir
 from tlm.model.config import get_preset
 from tlm_base.errors import CheckpointError, ConfigError

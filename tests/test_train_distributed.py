@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from data_pipeline.prepare import PrepareConfig, prepare
-from tlm.training.backends import free_port
+from tlm.training.distributed import free_port
 
 BACKENDS = {
     "ddp": {"train.backend": "ddp"},

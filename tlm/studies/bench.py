@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from tlm.training.backends import init_distributed, make_backend
+from tlm.training.backends import make_backend
+from tlm.training.distributed import init_distributed
 from tlm.model.flops import flops_per_token, peak_flops
 from tlm.model.transformer import TransformerLM
 from tlm.training.config import load_config

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch.distributed as dist
 
 from data_pipeline.dataset import TokenRows, load_manifest
-from tlm.training.backends import from_rank0
+from tlm.training.distributed import barrier, from_rank0
 from tlm_base.errors import CheckpointError, ConfigError
 from tlm_base.locks import FolderLock
 from tlm.checkpointing.resume_check import NEW_RUN
@@ -35,11 +34,6 @@ log = logging.getLogger("tlm")
 
 def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _as_list(value: Any) -> list[str]:
@@ -102,7 +96,7 @@ def resolve_data(config: TrainConfig, is_main: bool, expect: dict[str, Any] | No
                                         on_error=data.on_error)
                 trained = train_tokenizer(reader, vocab_size=data.vocab_size, show_progress=False)
                 save_tokenizer(trained, tokenizer)
-    _barrier()
+    barrier()
     from data_pipeline.tokenizer import tokenizer_sha256
 
     vals = None if val_source is None else _as_list(val_source)
@@ -118,7 +112,7 @@ def resolve_data(config: TrainConfig, is_main: bool, expect: dict[str, Any] | No
     if is_main and not (prepared / "manifest.json").is_file():
         log.info("preparing %s (first use) -> %s", source, prepared)
         prepare(prepare_config, progress=False, wait=True)
-    _barrier()
+    barrier()
     return prepared, tokenizer
 
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from data_pipeline.dataset import TokenRows, check_compatible, check_token_range, load_manifest
 from data_pipeline.stream import make_batch
-from tlm.training.backends import DistInfo
+from tlm.training.distributed import DistInfo
 from tlm.checkpointing.model_dir import load_model_dir
 from tlm_base.errors import CheckpointError, ConfigError
 from tlm.model.transformer import TransformerLM

@@ -33,7 +33,8 @@ from tlm.checkpointing.model_dir import read_model_meta, save_model_dir
 from tlm.checkpointing.resume_check import check_config, check_data, diff_lines, model_changes
 from tlm.model.transformer import TransformerLM
 from tlm.training import faults
-from tlm.training.backends import check_resume, from_rank0, init_distributed, make_backend, prepare_resume
+from tlm.training.backends import check_resume, make_backend, prepare_resume
+from tlm.training.distributed import all_reduce, barrier, from_rank0, init_distributed
 from tlm.training.config import TrainConfig
 from tlm.training.data import load_run_data
 from tlm.training.evaluate import evaluate, evaluate_parts
@@ -43,17 +44,6 @@ from tlm.training.optim import lr_at
 from tlm.training.preemption import INTERRUPTED, StopRequest
 
 log = logging.getLogger("tlm")
-
-
-def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
-    return tensor
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _sample(model_dir: Path, prompt: str, device: torch.device) -> str | None:
@@ -222,7 +212,7 @@ class Trainer:
         if info.is_main:  # every check has passed: a rollback's branch, an overwrite, take effect now
             self.start.apply()
         self.resume = from_rank0(self.start.final if info.is_main else None)
-        _barrier()
+        barrier()
         universal = prepare_resume(self.resume, self.state, config, info) if self.state is not None else False
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
         self.model = TransformerLM(self.model_config)
@@ -233,7 +223,7 @@ class Trainer:
         self.progress = Progress()
         self.checkpointer = Checkpointer(self.run_dir, info.rank, info.world_size, self.backend,
                                          {"": self.progress, "stream": self.stream}, self._describe, self._write_model,
-                                         config.checkpoint.keep_last, _barrier, self._save_hook,
+                                         config.checkpoint.keep_last, barrier, self._save_hook,
                                          self.start.lineage if info.is_main else None, rerun_hint(config))
         self.last_saved, self.consecutive_skips = -1, 0
         self.faults = faults.active()
@@ -347,7 +337,7 @@ class Trainer:
             tokens = self._packed_tokens
             scale = info.world_size / (self.global_batch * self.seq_len)
         else:
-            tokens = _all_reduce(torch.tensor(float(sum(b["loss_mask"].sum() for b in batches)), dtype=torch.float64,
+            tokens = all_reduce(torch.tensor(float(sum(b["loss_mask"].sum() for b in batches)), dtype=torch.float64,
                                               device=info.device))
             scale = info.world_size / tokens.item()
         if faults.hit(self.faults, "nan", self.step + 1, info.rank):
@@ -393,7 +383,7 @@ class Trainer:
 
     def log_window(self, loss: torch.Tensor, tokens: torch.Tensor, steps: int, seconds: float, lr: float,
                    grad_norm: torch.Tensor | None) -> None:
-        sums = _all_reduce(torch.stack([loss, tokens / self.info.world_size]))
+        sums = all_reduce(torch.stack([loss, tokens / self.info.world_size]))
         tokens_per_s = steps * self.global_batch * self.seq_len / seconds
         values = {"step": self.step, "loss": (sums[0] / sums[1]).item(), "lr": lr,
                   "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_seen": self.progress.tokens_seen,

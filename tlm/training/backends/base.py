@@ -1,0 +1,109 @@
+"""The interface every backend offers the training loop: a micro-step (forward, loss, backward), an optimizer
+step, its own checkpoint files, and the full fp32 state dict for the consolidated model folder."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tlm.model.transformer import TransformerLM
+from tlm.training.config import TrainConfig
+from tlm.training.distributed import DistInfo
+
+
+class Backend:
+    """The interface the training loop uses."""
+
+    name = "base"
+
+    def __init__(self, model: TransformerLM, config: TrainConfig, info: DistInfo, accumulation: int) -> None:
+        self.config = config
+        self.info = info
+        self.accumulation = accumulation
+        self.bf16 = config.train.precision == "bf16"
+        fused = config.train.fused_adamw
+        self.fused = (info.device.type == "cuda") if fused is None else fused
+        self.check_finite = config.train.nan_policy != "off"
+        self.skipped = False
+        """Whether the last optimizer step was skipped for non-finite gradients."""
+        self.nonfinite: list[str] = []
+        """Parameters whose gradients were not finite at the last skipped step (where this rank can tell)."""
+
+    def autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.info.device.type, dtype=torch.bfloat16)
+
+    def accumulation_context(self, last: bool):
+        """Where gradients are not synchronised across ranks until the last micro-batch of a step."""
+        return contextlib.nullcontext()
+
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """fp32 sum of the target tokens' cross-entropy, computed inside the model's forward (so that
+        ZeRO-3 / FSDP2 gather the output projection) with the configured loss chunking."""
+        with self.autocast():
+            return self.model(batch["input_ids"], labels=batch["labels"], loss_mask=batch.get("loss_mask"),
+                              loss_chunk=self.config.train.loss_chunk, attention_mask=batch.get("attention_mask"),
+                              position_ids=batch.get("position_ids"))
+
+    def micro_step(self, batch: dict[str, torch.Tensor], loss_scale: float, last: bool) -> torch.Tensor:
+        """Forward, loss x loss_scale, backward; returns the detached unscaled loss sum."""
+        batch = self._to_device(batch)
+        with self.accumulation_context(last):
+            loss = self.loss_sum(batch)
+            (loss * loss_scale).backward()
+        return loss.detach()
+
+    def optimizer_step(self) -> torch.Tensor | None:
+        """Clip, step, zero the gradients; returns the gradient norm before clipping.
+
+        With a NaN policy, non-finite gradients (the norm is global: every rank decides alike) skip the
+        update and set `skipped`; reading the norm back is the one host sync of the step.
+        """
+        norm, clip = None, self.config.optim.grad_clip
+        self.skipped, self.nonfinite = False, []
+        if clip > 0 or self.check_finite:
+            norm = nn.utils.clip_grad_norm_(self.module.parameters(), clip if clip > 0 else float("inf"))
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
+            if self.check_finite and not torch.isfinite(norm):
+                self.skipped = True
+                self.nonfinite = nonfinite_grads(self.module)
+                self.optimizer.zero_grad(set_to_none=True)
+                return norm
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train_mode(self, training: bool) -> None:
+        self.module.train(training)
+
+    def save(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def load(self, path: Path, saved_world_size: int) -> None:
+        raise NotImplementedError
+
+    def full_state_dict(self, path: Path) -> dict[str, torch.Tensor] | None:
+        """fp32 weights on rank 0 (None elsewhere); every rank calls it, after `save(path)`."""
+        raise NotImplementedError
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.info.device, non_blocking=True) for k, v in batch.items()}
+
+
+def nonfinite_grads(module: nn.Module) -> list[str]:
+    """Names of the parameters with a NaN or Inf in this rank's part of their gradient."""
+    names = []
+    for name, param in module.named_parameters():
+        grad = param.grad
+        grad = getattr(grad, "_local_tensor", grad)  # FSDP2: this rank's shard
+        if grad is not None and not torch.isfinite(grad).all():
+            names.append(name)
+    return names
