@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from data_pipeline.formats import DatasetManifest
 from data_pipeline.shards import FORMAT, FORMAT_VERSION, MANIFEST, shard_schema
-from data_pipeline.sources import DataError
+from tlm_base.errors import DataError
 from tlm_base.fileio import sha256_file
 from tlm_base.schema import inside, load_json_text, parse
 

@@ -21,20 +21,13 @@ the first version's fingerprint.
 from __future__ import annotations
 
 import contextlib
-import glob
-import hashlib
-import json
 import logging
-import math
-import os
-import re
 import shutil
 import signal
 import sys
 import threading
 import time
-from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -44,48 +37,28 @@ from data_pipeline.shards import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
-    BATCH_ROWS,
-    ShardFile,
-    shard_schema,
     token_dtype,
 )
-from data_pipeline.sources import (
-    HF_PREFIX, MAX_DOCUMENT_MB, MAX_LINE_MB, PIECE_CHARS, SAMPLE_BY, DataError, Document, DocumentReader, Source,
-    SourceChanged, resolve_sources, sha256_prefix,
-)
+from data_pipeline.documents import DocumentReader
+from tlm_base.errors import DataError
+from data_pipeline.opening import SourceChanged
+from data_pipeline.sources import Document, resolve_sources
 from data_pipeline.tokenizer import EOT, separator_token, tokenizer_sha256
 from data_pipeline.workers import assign_sources, worker_dir
-from data_pipeline.formats import JournalEntry, JournalHeader
 from tlm_base.fileio import (
-    DiskFullError, LineAppender, atomic_write_json, check_output_folder, cut_torn_tail, disk_full, fsync_path,
-    is_disk_full, sha256_file,
+    DiskFullError, LineAppender, atomic_write_json, check_output_folder, disk_full, is_disk_full,
 )
 from tlm_base.locks import FolderLock
 from data_pipeline.parallel import BatchEncoder, available_cores
-from tlm_base.schema import parse
 from data_pipeline.tokenizer_files import load_tokenizer
+from data_pipeline.journal import JOURNAL, read_journal
+from data_pipeline.output import (
+    drop_if_empty, partial_dir, refuse_data_near, refuse_foreign_files, replaced_dir, swap_in,
+)
+from data_pipeline.packing import SplitState, SplitWriter
+from data_pipeline.prepare_config import SPLITS, PrepareConfig, describe_inputs, fingerprint_of, input_changes, val_selector
 
 log = logging.getLogger("tlm.prepare")
-JOURNAL = ".prepare-journal.jsonl"
-OPTIONAL_SETTINGS = ("eot_token", "hf_config", "max_tokens")
-# The size bounds change the output only where they skip (--on-error skip): part of the fingerprint there alone,
-# and only when not the default (datasets prepared before the bounds existed keep their fingerprint).
-BOUNDS = {"max_line_mb": MAX_LINE_MB, "max_document_mb": MAX_DOCUMENT_MB}
-SPLITS = ("train", "val")
-# What a dataset folder (OUT, or OUT.partial while it is made) may hold: anything else is not prepare's to replace.
-_OWN_FILE = re.compile(r"^(\.lock|manifest\.json|\.prepare-journal\.jsonl|(train|val)-\d{5,}\.arrow|\..+\.tmp)$")
-
-
-def partial_dir(out: Path) -> Path:
-    """Where the dataset for OUT is made (and an interrupted prepare resumes) before it is swapped into OUT."""
-    out = Path(out).absolute()
-    return out.with_name(out.name + ".partial")
-
-
-def _replaced_dir(out: Path) -> Path:
-    """Where OUT's previous folder goes at the swap, to be deleted."""
-    out = Path(out).absolute()
-    return out.with_name(f".{out.name}.replaced")
 
 
 class PrepareStopped(KeyboardInterrupt):
@@ -94,347 +67,6 @@ class PrepareStopped(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-
-
-@dataclass
-class PrepareConfig:
-    """Everything that determines the output of `prepare` (its hash guards resuming)."""
-
-    data: list[str]
-    tokenizer: str
-    out: str
-    seq_len: int = 512
-    pack: bool = True
-    text_field: str = "text"
-    sample_by: str = "document"
-    on_error: str = "raise"
-    hf_split: str = "train"
-    val: float | int = 0.0
-    val_data: list[str] | None = None
-    seed: int = 0
-    shard_mb: float = 256.0
-    num_workers: int = 1
-    worker_index: int = 0
-    piece_chars: int = PIECE_CHARS
-    tokenize_batch_chars: int = 1 << 19
-    eot_token: str | None = None  # the document separator; None: <|endoftext|> (another tokenizer's EOS, in eval)
-    hf_config: str | None = None  # the configuration (subset) of a Hugging Face dataset
-    max_tokens: int | None = None  # stop once the train split holds this many tokens (rounded up to whole rows)
-    max_line_mb: float = MAX_LINE_MB  # the longest line parsed whole (a JSONL record, a CSV row), in MiB
-    max_document_mb: float = MAX_DOCUMENT_MB  # the longest document, in MiB of characters
-
-    def __post_init__(self) -> None:
-        for name in ("seq_len", "num_workers", "piece_chars", "tokenize_batch_chars"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise DataError(f"--{name} must be a positive whole number, got {value!r}")
-        if isinstance(self.worker_index, bool) or not isinstance(self.worker_index, int):
-            raise DataError(f"--worker_index must be a whole number, got {self.worker_index!r}")
-        for name, low in (("shard_mb", 0), ("max_line_mb", None), ("max_document_mb", None)):  # (shard_mb 0: 1024 rows)
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < (low or 0) or (low is None and value == 0):
-                raise DataError(f"--{name} must be a finite number of MiB {'>= 0' if low == 0 else '> 0'}, got {value!r}")
-        if self.sample_by not in SAMPLE_BY:
-            raise DataError(f"--sample_by must be one of {', '.join(SAMPLE_BY)}, got {self.sample_by!r}")
-        if self.on_error not in ("raise", "skip"):
-            raise DataError(f"--on_error must be raise or skip, got {self.on_error!r}")
-        if isinstance(self.val, bool) or not isinstance(self.val, (int, float)) or not math.isfinite(self.val) \
-                or self.val < 0:
-            raise DataError(f"--val must be a fraction in [0, 1) or a number of documents, got {self.val!r}")
-        if isinstance(self.val, float) and self.val >= 1:
-            raise DataError(f"--val {self.val}: a fraction must be below 1 (give an int for a number of documents)")
-        if self.val_data and self.val:
-            raise DataError("give either --val (held out from --data) or --val-data (a separate source), not both")
-        if not 0 <= self.worker_index < self.num_workers:
-            raise DataError(f"--worker-index must be in [0, {self.num_workers}), got {self.worker_index}")
-        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
-                                            or self.max_tokens < 1):
-            raise DataError(f"--max-tokens must be a positive number of tokens, got {self.max_tokens!r}")
-        if self.num_workers > 1 and isinstance(self.val, int) and self.val:
-            raise DataError("--val N (a count of documents) needs one worker; give a fraction or --val-data")
-
-
-@dataclass
-class SplitState:
-    """What is committed for a split: its shards, totals and where the input continues."""
-
-    shards: list[dict[str, Any]] = field(default_factory=list)
-    rows: int = 0
-    tokens: int = 0
-    documents: int = 0
-    truncated_documents: int = 0
-    resume_piece: int = 0
-    resume_offset: int = 0
-    skip_rest_of_document: bool = False
-    # --max-tokens: the reading position (piece number over all splits) at which the train split filled up;
-    # nothing after it is written to any split, also after a resume
-    stop_after: int | None = None
-
-
-class SplitWriter:
-    """Turns the token stream of one split into rows and committed shards."""
-
-    def __init__(self, out: Path, split: str, config: PrepareConfig, eot: int, dtype: np.dtype,
-                 state: SplitState, on_commit) -> None:
-        self.out, self.split, self.pack = out, split, config.pack
-        self.row_length = config.seq_len + 1
-        self.eot = eot
-        self.dtype = dtype
-        self.schema = shard_schema(self.row_length, dtype, config.pack)
-        row_bytes = self.row_length * dtype.itemsize
-        self.shard_rows = max(BATCH_ROWS, int(config.shard_mb * 2**20 / row_bytes) // BATCH_ROWS * BATCH_ROWS)
-        self.state = state
-        self.on_commit = on_commit
-        self.next_piece = 0  # ordinal of the next piece of this split's stream
-        self.last_added = state.resume_piece - 1
-        self.buffer = np.empty(0, dtype=dtype)
-        self.pieces: deque[tuple[int, int, int]] = deque()  # (ordinal, start token, length) in the buffer
-        self.doc_tokens: list[np.ndarray] = []  # no-pack: the current document's first tokens
-        self.doc_done = state.skip_rest_of_document
-        self.shard: ShardFile | None = None
-        self.dropped_tokens = 0
-        self.documents_fed = 0
-        self.truncated_in_shard = 0  # no-pack: documents cut to the row length in the open shard
-        self.max_rows = -(-config.max_tokens // self.row_length) if config.max_tokens and split == "train" else None
-
-    def claim(self) -> tuple[int, bool]:
-        """Ordinal for the next piece, and whether it must be tokenized (False: before the resume point)."""
-        ordinal = self.next_piece
-        self.next_piece += 1
-        return ordinal, ordinal >= self.state.resume_piece
-
-    def add(self, ordinal: int, ids: np.ndarray, final: bool, position: int = 0) -> None:
-        self.position = position  # the reading position, recorded as stop_after when --max-tokens is reached
-        if self.pack:
-            self._add_packed(ordinal, ids, final)
-        else:
-            self._add_unpacked(ordinal, ids, final)
-
-    # --- pack mode ---------------------------------------------------------------------------------
-
-    def _add_packed(self, ordinal: int, ids: np.ndarray, final: bool) -> None:
-        tokens = np.append(ids, self.eot).astype(self.dtype) if final else ids
-        offset = self.state.resume_offset if ordinal == self.state.resume_piece else 0
-        # Stream position where the whole piece starts: tokens already in rows + tokens still buffered.
-        start = self.state.rows * self.row_length + len(self.buffer) - offset
-        self.pieces.append((ordinal, start, len(tokens)))
-        self.last_added = ordinal
-        self.buffer = np.concatenate([self.buffer, tokens[offset:]])
-        full = len(self.buffer) // self.row_length
-        if full:
-            rows = self.buffer[: full * self.row_length].reshape(full, self.row_length)
-            self.buffer = self.buffer[full * self.row_length :]
-            self._emit(rows)
-        self._locate(self.state.rows * self.row_length)  # forget pieces already wholly in rows
-
-    def _locate(self, position: int) -> tuple[int, int]:
-        """(piece ordinal, offset) of token `position` of the stream; drops pieces wholly before it."""
-        while self.pieces and self.pieces[0][1] + self.pieces[0][2] <= position:
-            self.pieces.popleft()
-        if not self.pieces:
-            return self.last_added + 1, 0
-        ordinal, start, _ = self.pieces[0]
-        return ordinal, position - start
-
-    # --- no-pack mode ------------------------------------------------------------------------------
-
-    def _add_unpacked(self, ordinal: int, ids: np.ndarray, final: bool) -> None:
-        if not self.doc_done:
-            self.doc_tokens.append(ids)
-            have = sum(len(t) for t in self.doc_tokens)
-            if have >= self.row_length or final:
-                tokens = np.concatenate(self.doc_tokens)
-                if final:
-                    tokens = np.append(tokens, self.eot)
-                if len(tokens) > self.row_length:
-                    self.truncated_in_shard += 1
-                tokens = tokens[: self.row_length].astype(self.dtype)
-                row = np.full((1, self.row_length), self.eot, dtype=self.dtype)
-                row[0, : len(tokens)] = tokens
-                self.doc_tokens, self.doc_done = [], not final
-                self._last_piece = (ordinal, final)
-                self._emit(row, np.array([len(tokens)], dtype=np.int32))
-        if final:
-            self.doc_done = False
-
-    # --- shards ------------------------------------------------------------------------------------
-
-    @property
-    def full(self) -> bool:
-        """The split holds the rows --max-tokens asks for."""
-        return self.max_rows is not None and self.state.rows >= self.max_rows
-
-    def _emit(self, rows: np.ndarray, lengths: np.ndarray | None = None) -> None:
-        if self.max_rows is not None:  # the first max_rows rows of the stream, wherever the batches fell
-            rows = rows[: max(0, self.max_rows - self.state.rows)]
-            lengths = None if lengths is None else lengths[: len(rows)]
-            if len(rows) and self.state.rows + len(rows) >= self.max_rows:
-                self.state.stop_after = self.position  # before the commit below journals the state
-        while len(rows):
-            if self.shard is None:
-                name = f"{self.split}-{len(self.state.shards):05d}.arrow"
-                self.shard = ShardFile(self.out / name, self.schema, self.row_length, self.pack, self.eot)
-            room = self.shard_rows - self.shard.rows
-            self.shard.add(rows[:room], None if lengths is None else lengths[:room])
-            self.state.rows += min(room, len(rows))
-            rows = rows[room:]
-            lengths = None if lengths is None else lengths[room:]
-            if self.shard.rows == self.shard_rows:
-                self._commit()
-
-    def _commit(self) -> None:
-        entry = self.shard.close()
-        self.shard = None
-        self.state.shards.append(entry)
-        self.state.tokens += entry["tokens"]
-        self.state.documents += entry["documents"]
-        self.state.truncated_documents += self.truncated_in_shard
-        self.truncated_in_shard = 0
-        if self.pack:
-            self.state.resume_piece, self.state.resume_offset = self._locate(self.state.rows * self.row_length)
-        else:
-            ordinal, final = self._last_piece
-            self.state.resume_piece, self.state.resume_offset = ordinal + 1, 0
-            self.state.skip_rest_of_document = not final
-        self.on_commit(self.split, self.state)
-
-    def finish(self) -> None:
-        """Commit the last, partial shard; in pack mode the tail shorter than a row is dropped."""
-        if self.pack:
-            self.dropped_tokens = len(self.buffer)
-        if self.shard is not None and self.shard.rows:
-            self._commit()
-        elif self.shard is not None:
-            self.shard.abort()
-
-    def abort(self) -> None:
-        if self.shard is not None:
-            self.shard.abort()
-
-
-def describe_inputs(config: PrepareConfig, sources: list[Source], tok_sha: str,
-                    digests: list[str | None] | None = None) -> dict[str, Any]:
-    """Everything that determines the output: settings, the tokenizer's sha256 and every source's content.
-
-    Sources are identified by the sha256 of their bytes, read once at the start (about 2 GB/s here, some
-    hundred times faster than tokenizing them), so an edit that keeps the size and even the mtime is seen.
-    """
-    start = time.perf_counter()
-    described = {
-        # (settings added later only when set: datasets prepared before they existed keep their fingerprint)
-        **{k: v for k, v in asdict(config).items()
-           if k not in ("out", "tokenizer", "data", "val_data") and not (k in OPTIONAL_SETTINGS and v is None)
-           and not (k in BOUNDS and (v == BOUNDS[k] or config.on_error == "raise"))},
-        "tokenizer_sha256": tok_sha,
-        "sources": [{"kind": s.kind, "path": s.path, "bytes": s.size,
-                     "sha256": digests[i] if digests is not None else s.content_sha256()} for i, s in enumerate(sources)],
-    }
-    seconds = time.perf_counter() - start
-    if seconds > 2:
-        log.info("hashed %d sources in %.1f s", len(sources), seconds)
-    return described
-
-
-def fingerprint_of(described: dict[str, Any]) -> str:
-    """The hash of `describe_inputs`: sources count by content (their path only where there is no content
-    hash, a hub dataset), so the same bytes under another path or working directory are the same data."""
-    identity = {**described, "sources": [{"kind": s["kind"], "bytes": s["bytes"], "sha256": s["sha256"]} if s["sha256"]
-                                         else {"kind": s["kind"], "path": s["path"]} for s in described["sources"]]}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
-def input_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
-    """What differs between two `describe_inputs` results, for the message that refuses to mix them."""
-    if not old:
-        return "settings recorded by an older tlm"
-    changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-               if k != "sources" and old.get(k) != new.get(k)]
-    before = {s["path"]: s for s in old.get("sources", [])}
-    after = {s["path"]: s for s in new["sources"]}
-    for path in sorted(set(before) | set(after)):
-        a, b = before.get(path), after.get(path)
-        if a is None:
-            changes.append(f"source {path} added")
-        elif b is None:
-            changes.append(f"source {path} removed")
-        elif a != b:
-            changes.append(f"source {path} changed (sha256 {str(a.get('sha256'))[:12]}... -> {str(b.get('sha256'))[:12]}..., "
-                           f"{a.get('bytes')} -> {b.get('bytes')} bytes)")
-    if not changes and [s["path"] for s in old.get("sources", [])] != [s["path"] for s in new["sources"]]:
-        changes.append("the order of the sources")
-    return "; ".join(changes) or "the settings"
-
-
-def _val_selector(config: PrepareConfig):
-    """A function (source index, record, document number) -> True when the document is held out."""
-    if isinstance(config.val, int) and config.val:
-        return lambda source, record, number: number < config.val
-    if config.val:
-        threshold = int(config.val * 2**64)
-
-        def by_hash(source: int, record: int, number: int) -> bool:
-            digest = hashlib.blake2b(f"{config.seed}:{source}:{record}".encode(), digest_size=8).digest()
-            return int.from_bytes(digest, "little") < threshold
-
-        return by_hash
-    return lambda source, record, number: False
-
-
-def _read_journal(out: Path, fingerprint: str, described: dict[str, Any],
-                  sources: list[Source]) -> dict[str, SplitState] | None:
-    """The committed state of an interrupted run with the same inputs, or None to start afresh (no journal,
-    a committed shard damaged since, or a source whose bytes that run read differ from the file's now: it
-    changed while that run read it). Other inputs or settings are refused: mixing them would be silent."""
-    path = out / JOURNAL
-    if not path.exists():
-        return None
-    cut_torn_tail(path)  # a line cut by a kill or a full disk: that shard was never recorded, so it is redone
-    fix = "rerun with --overwrite to start afresh (losing the interrupted progress)"
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: not valid JSON ({e}); {fix}") from None
-        schema = JournalHeader if number == 1 else JournalEntry
-        records.append(parse(schema, record, f"{path}:{number}", DataError, fix))
-    if not records:
-        return None
-    header = records[0]
-    if header.fingerprint != fingerprint:
-        changes = input_changes(header.described, described)
-        old_paths = [s["path"] for s in (header.described or {}).get("sources", [])]
-        if header.described and old_paths == [s["path"] for s in described["sources"]] and \
-                {k: v for k, v in header.described.items() if k != "sources"} == \
-                {k: v for k, v in described.items() if k != "sources"}:
-            # Same flags, same files, other bytes: an input was edited under an interrupted run.
-            raise DataError(f"'{out}' holds an interrupted prepare whose input has changed since ({changes}); "
-                            f"{fix} from the new content, or restore the file and rerun")
-        log.warning("%s: an interrupted prepare with other settings is there (%s); starting afresh", out, changes)
-        return None
-    states = {split: SplitState() for split in SPLITS}
-    for entry in records[1:]:
-        states[entry.split] = SplitState(**entry.state.model_dump(include=set(SplitState.__dataclass_fields__)))
-    for split, state in states.items():
-        for shard in state.shards:
-            file = out / shard["file"]
-            if not file.exists() or file.stat().st_size != shard["bytes"] or sha256_file(file) != shard["sha256"]:
-                log.warning("%s: committed shard %s is missing or damaged; starting afresh", out, shard["file"])
-                return None
-    read = getattr(records[-1], "read", None) if len(records) > 1 else None
-    if read is not None:  # the committed shards came from these bytes: the file must still begin with them
-        source = sources[read.source] if read.source < len(sources) else None
-        try:
-            same = source is not None and sha256_prefix(source.path, read.bytes) == read.sha256
-        except OSError:
-            same = False
-        if not same:
-            log.warning("%s: %s changed while the interrupted prepare read it (its first %d bytes differ from those "
-                        "read then); starting afresh", out, source.path if source else "a source", read.bytes)
-            return None
-    return states
 
 
 def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = True, wait: bool = False,
@@ -456,8 +88,8 @@ def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = Tru
         check_output_folder(folder, "prepare output", "--out")
     if out.is_symlink():  # the folder itself is replaced at the end, not the link to it
         out = out.resolve()
-    _refuse_data_near(config, out)
-    _refuse_foreign_files(out)
+    refuse_data_near(config, out)
+    refuse_foreign_files(out)
     # The lock is a file beside OUT (not inside: OUT is swapped away at the end; see tlm_base.folders.replace_folder), and
     # OUT's own .lock where there is one (an older tlm's prepare, a holder that locks the folder itself).
     hint = "wait for that prepare to finish, or choose another --out"
@@ -471,7 +103,7 @@ def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = Tru
                 with _stop_on_signals():
                     return _prepare(config, out, overwrite, progress, available_cores() if num_proc is None else num_proc)
             except BaseException:
-                _drop_if_empty(partial_dir(out))
+                drop_if_empty(partial_dir(out))
                 raise
         except SourceChanged:
             shutil.rmtree(partial_dir(out), ignore_errors=True)  # made from a mix of two versions: nothing is kept
@@ -486,18 +118,6 @@ def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = Tru
                 raise disk_full(e, where, "free some space and rerun the same command: it resumes from the last "
                                 "committed shard") from e
             raise
-
-
-def _drop_if_empty(partial: Path) -> None:
-    """After a failed or stopped prepare, remove OUT.partial when nothing was committed there (there is nothing to
-    resume: a refusal before the first shard leaves the folders as they were)."""
-    try:
-        journal = partial / JOURNAL
-        lines = journal.read_bytes().count(b"\n") if journal.exists() else 0
-        if partial.is_dir() and lines <= 1 and not any(partial.glob("*.arrow")) and not (partial / MANIFEST).exists():
-            shutil.rmtree(partial)
-    except OSError:
-        pass
 
 
 @contextlib.contextmanager
@@ -527,81 +147,6 @@ def _stop_on_signals():
             signal.signal(sig, handler)
 
 
-def _local_path(item: str) -> Path | None:
-    """The file or folder a --data item names on this machine (a glob: the folder its pattern starts in)."""
-    text = item[len(HF_PREFIX):] if item.startswith(HF_PREFIX) else item
-    path = Path(text).expanduser()
-    if glob.has_magic(text):
-        parts = []
-        for part in path.parts:
-            if glob.has_magic(part):
-                break
-            parts.append(part)
-        path = Path(*parts) if parts else Path(".")
-    return path if path.exists() else None
-
-
-def _refuse_data_near(config: PrepareConfig, out: Path) -> None:
-    """--out must lie apart from the data: inside a data folder its shards and manifest would be read back as
-    data; with the data inside it, replacing the folder at the end would delete the data."""
-    places = [out.resolve(), partial_dir(out).resolve(), _replaced_dir(out).resolve()]
-    for flag, items in (("--data", config.data), ("--val_data", config.val_data or [])):
-        for item in items:
-            path = _local_path(str(item))
-            if path is None:
-                continue
-            data = path.resolve()
-            for place in places:
-                if place == data:
-                    raise DataError(f"--out '{out}' is the data folder itself ({flag} '{item}'): prepare would read its own "
-                                    "output as data and replace the folder; choose an --out outside it")
-                if data in place.parents:
-                    raise DataError(f"--out '{out}' lies inside the data folder '{item}' ({flag}): its shards and "
-                                    "manifest.json would be read back as data (and --overwrite would replace them); choose "
-                                    f"an --out outside '{item}'")
-                if place in data.parents:
-                    raise DataError(f"{flag} '{item}' lies inside --out '{out}': prepare replaces that folder when it "
-                                    "finishes, which would delete the data; move the data out or choose another --out")
-
-
-def _refuse_foreign_files(out: Path) -> None:
-    """OUT is replaced as a whole when the dataset is ready: it may hold nothing but a dataset's files, and may
-    not be (or hold) the current folder or the home folder."""
-    resolved = out.resolve()
-    for place in (Path.cwd().resolve(), Path(os.path.expanduser("~")).resolve()):
-        if resolved == Path(resolved.anchor) or resolved == place or resolved in place.parents:
-            raise DataError(f"--out '{out}' is or holds {place} (the current folder or the home folder): prepare "
-                            "replaces that folder when the dataset is ready; choose a folder of its own")
-    if not out.is_dir():
-        return
-    foreign = sorted(p.name for p in out.iterdir() if not _OWN_FILE.match(p.name) or p.is_dir())
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise DataError(f"--out '{out}' holds files that are not a tlm dataset's ({shown}); prepare replaces the whole "
-                        "folder when the new dataset is ready, so --out must be a new or empty folder or a prepared "
-                        "dataset: choose another --out")
-
-
-def _swap_in(partial: Path, out: Path) -> None:
-    """Make the whole dataset in `partial` the folder `out` (under prepare's lock): one atomic exchange of the two
-    folders where the filesystem allows it, else two renames (`out` is then missing for an instant, never half
-    made). The previous folder is deleted; a reader that has its files open keeps reading them."""
-    from tlm_base.folders import exchange
-
-    (partial / JOURNAL).unlink(missing_ok=True)
-    replaced = _replaced_dir(out)
-    shutil.rmtree(replaced, ignore_errors=True)
-    if not os.path.lexists(out):
-        os.rename(partial, out)
-    elif exchange(partial, out):
-        os.rename(partial, replaced)  # the old folder, now under the partial name
-    else:
-        os.rename(out, replaced)
-        os.rename(partial, out)
-    fsync_path(out.absolute().parent)
-    shutil.rmtree(replaced, ignore_errors=True)
-
-
 def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool, num_proc: int) -> dict[str, Any]:
     tok_dir = Path(config.tokenizer)
     tokenizer = load_tokenizer(tok_dir)
@@ -624,8 +169,8 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool, 
     partial = partial_dir(out)
     if (partial / MANIFEST).exists():  # a whole dataset whose swap into OUT was cut short: finish it
         log.info("%s: completing an interrupted prepare (its dataset is whole in %s)", out, partial)
-        _swap_in(partial, out)
-    shutil.rmtree(_replaced_dir(out), ignore_errors=True)
+        swap_in(partial, out)
+    shutil.rmtree(replaced_dir(out), ignore_errors=True)
     manifest_path = out / MANIFEST
     if manifest_path.exists() and not overwrite:
         from data_pipeline.dataset import load_manifest
@@ -636,14 +181,14 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool, 
             return {**existing, "reused": True}
         raise DataError(f"'{out}' already holds a prepared dataset made with other settings "
                         f"({input_changes(existing.get('inputs'), described)}); pass --overwrite to replace it")
-    _refuse_foreign_files(partial)
+    refuse_foreign_files(partial)
     partial.mkdir(parents=True, exist_ok=True)
     for stale in partial.glob(".*.tmp"):
         stale.unlink()
     states = None
     if (partial / JOURNAL).exists():
         try:
-            states = _read_journal(partial, fingerprint, described, sources)
+            states = read_journal(partial, fingerprint, described, sources)
         except DataError as e:
             if not overwrite:
                 raise
@@ -673,7 +218,7 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool, 
     mine, by_document = assign_sources(train_sources, config.num_workers, config.worker_index)
     indices = (mine if mine is not None else list(range(len(train_sources)))) + \
         [len(train_sources) + i for i in range(len(val_sources)) if config.worker_index == 0 or by_document]
-    held_out = _val_selector(config)
+    held_out = val_selector(config)
 
     from tqdm import tqdm
 
@@ -809,7 +354,7 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool, 
                     writers["val"].documents_fed, " (each text file is one document with --sample_by document: try "
                     "--sample_by paragraph, or --val_data)" if config.sample_by == "document" else "")
     atomic_write_json(partial / MANIFEST, manifest)  # whole: the dataset exists from here (in OUT.partial) ...
-    _swap_in(partial, out)  # ... and is OUT from here, in one step; an old dataset there goes only now
+    swap_in(partial, out)  # ... and is OUT from here, in one step; an old dataset there goes only now
     if reader.skips.total():
         log.warning("skipped %d records: %s", reader.skips.total(), reader.skips.to_dict()["by_reason"])
     return manifest

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from data_pipeline.dataset import TokenRows
-from data_pipeline.sources import DataError
+from tlm_base.errors import DataError
 
 
 class GlobalOrder:

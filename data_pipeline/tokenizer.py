@@ -21,7 +21,7 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data_pipeline.sources import DocumentReader
+from data_pipeline.documents import DocumentReader
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 EOT = SPECIAL_TOKENS[0]

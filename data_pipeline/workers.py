@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline.shards import MANIFEST
-from data_pipeline.sources import DataError, Source
+from data_pipeline.sources import Source
+from tlm_base.errors import DataError
 from tlm_base.fileio import atomic_write_json
 
 SPLITS = ("train", "val")

@@ -129,7 +129,8 @@ def prepare_data(work: Path) -> Path:
 
     from data_pipeline import TINYSHAKESPEARE
     from data_pipeline.prepare import PrepareConfig, prepare
-    from data_pipeline.sources import DocumentReader, resolve_sources
+    from data_pipeline.documents import DocumentReader
+    from data_pipeline.sources import resolve_sources
     from data_pipeline.tokenizer import save_tokenizer, train_tokenizer
 
     corpus = work / "speeches.jsonl"

@@ -68,7 +68,8 @@ def shakespeare_text() -> str:
 def data_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tlm's own tokenizer trainer on the bundled Shakespeare (1000 tokens, to stay quick)."""
     from data_pipeline import TINYSHAKESPEARE
-    from data_pipeline.sources import DocumentReader, resolve_sources
+    from data_pipeline.documents import DocumentReader
+    from data_pipeline.sources import resolve_sources
     from data_pipeline.tokenizer import save_tokenizer, train_tokenizer
 
     tok = train_tokenizer(DocumentReader(resolve_sources(str(TINYSHAKESPEARE))), vocab_size=1000, show_progress=False)

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.sources import DocumentReader, resolve_sources, split_text
+from data_pipeline.documents import DocumentReader
+from data_pipeline.pieces import split_text
+from data_pipeline.sources import resolve_sources
 from data_pipeline.tokenizer import SPECIAL_TOKENS
 from data_pipeline.tokenizer_files import load_tokenizer, special_token_ids
 

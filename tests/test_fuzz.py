@@ -20,7 +20,9 @@ import pytest
 import zstandard
 
 from data_pipeline.dataset import TokenRows
-from data_pipeline.sources import DataError, DocumentReader, resolve_sources
+from data_pipeline.documents import DocumentReader
+from data_pipeline.sources import resolve_sources
+from tlm_base.errors import DataError
 from tlm_base.errors import TLMError
 
 SEED = int(os.environ.get("TLM_FUZZ_SEED", "0"))

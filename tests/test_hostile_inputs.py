@@ -18,11 +18,16 @@ import numpy as np
 import pytest
 
 import data_pipeline.prepare as prepare_module
-import data_pipeline.sources as sources_module
+import data_pipeline.documents as documents_module
+import data_pipeline.opening as opening_module
 from data_pipeline.dataset import TokenRows, load_manifest
 from data_pipeline.mixture import allocate, parse_mix
-from data_pipeline.prepare import JOURNAL, PrepareConfig, partial_dir, prepare
-from data_pipeline.sources import DataError, DocumentReader, resolve_sources
+from data_pipeline.journal import JOURNAL
+from data_pipeline.output import partial_dir
+from data_pipeline.prepare import PrepareConfig, prepare
+from data_pipeline.documents import DocumentReader
+from data_pipeline.sources import resolve_sources
+from tlm_base.errors import DataError
 from hostile import child, cli, copy_dataset, refused, snapshot, train_args
 
 
@@ -80,9 +85,10 @@ def crashing_journal(after: int) -> type:
 def edit_while_read(monkeypatch: pytest.MonkeyPatch, path: Path, old: bytes, new: bytes) -> None:
     """Rewrite `path` in place (same size: `old` becomes `new`) once prepare has read its first 64 KiB, as an editor
     or a sync tool writing the file under a running prepare would."""
-    monkeypatch.setattr(sources_module, "READ_CHUNK", 1 << 16)
+    for module in (documents_module, opening_module):  # where files are read in chunks of READ_CHUNK
+        monkeypatch.setattr(module, "READ_CHUNK", 1 << 16)
     reads = {"n": 0}
-    readinto = sources_module._TappedFile.readinto
+    readinto = opening_module.TappedFile.readinto
 
     def reading(self, target):
         n = readinto(self, target)
@@ -92,7 +98,7 @@ def edit_while_read(monkeypatch: pytest.MonkeyPatch, path: Path, old: bytes, new
                 f.write(path.read_bytes().replace(old, new))
         return n
 
-    monkeypatch.setattr(sources_module._TappedFile, "readinto", reading)
+    monkeypatch.setattr(opening_module.TappedFile, "readinto", reading)
 
 
 # --- 1. a source that changes while prepare reads it ----------------------------------------------------------

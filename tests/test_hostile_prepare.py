@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 import data_pipeline.prepare as prepare_module
-from data_pipeline.prepare import JOURNAL, PrepareConfig, partial_dir, prepare
-from data_pipeline.sources import DataError
+from data_pipeline.journal import JOURNAL
+from data_pipeline.output import partial_dir
+from data_pipeline.prepare import PrepareConfig, prepare
+from tlm_base.errors import DataError
 from hostile import child, cli, hold_lock, refused, snapshot
 
 

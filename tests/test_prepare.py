@@ -10,11 +10,15 @@ import numpy as np
 import pytest
 
 import data_pipeline.prepare as prepare_module
+from data_pipeline.journal import JOURNAL
+from data_pipeline.output import partial_dir
 from data_pipeline import TINYSHAKESPEARE
 from data_pipeline.dataset import TokenRows, check_compatible, load_manifest
 from data_pipeline.prepare import PrepareConfig, prepare
 from data_pipeline.workers import merge_workers
-from data_pipeline.sources import DataError, DocumentReader, resolve_sources
+from data_pipeline.documents import DocumentReader
+from data_pipeline.sources import resolve_sources
+from tlm_base.errors import DataError
 from data_pipeline.tokenizer_files import load_tokenizer
 
 SEQ = 64
@@ -133,14 +137,14 @@ def test_an_interrupted_run_resumes_to_identical_output(tmp_path: Path, data_tok
         with pytest.raises(Crash):
             prepare(config(shakespeare_jsonl, data_tokenizer, out, **cfg), progress=False)
     assert not out.exists()  # never a folder holding half a dataset: it is made beside, in OUT.partial
-    work = prepare_module.partial_dir(out)
+    work = partial_dir(out)
     assert len(list(work.glob("*.arrow"))) == entries - 1
     if entries == 1:
         assert not work.exists()  # nothing committed: nothing left behind
     else:
         (work / ".train-99999.arrow.tmp").write_bytes(b"half-written")  # a shard torn by the kill
     prepare(config(shakespeare_jsonl, data_tokenizer, out, **cfg), progress=False)
-    assert not list(out.glob(".*.tmp")) and not (out / prepare_module.JOURNAL).exists() and not work.exists()
+    assert not list(out.glob(".*.tmp")) and not (out / JOURNAL).exists() and not work.exists()
     assert shard_bytes(out) == shard_bytes(reference)
     assert load_manifest(out)["splits"] == load_manifest(reference)["splits"]
 
@@ -318,7 +322,7 @@ def test_kill_9_under_a_process_pool_resumes_to_identical_output(tmp_path: Path,
     subprocess.run(command(reference, 1), check=True, env=env, capture_output=True)
     out = tmp_path / "killed"
     proc = subprocess.Popen(command(out, 2), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    journal, workers, deadline = prepare_module.partial_dir(out) / prepare_module.JOURNAL, [], time.time() + 60
+    journal, workers, deadline = partial_dir(out) / JOURNAL, [], time.time() + 60
     while time.time() < deadline and proc.poll() is None:
         workers = _children(proc.pid) or workers
         if journal.exists() and len(journal.read_text().splitlines()) >= 4 and len(workers) >= 2:

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.sources import DataError, DocumentReader, resolve_sources
+from data_pipeline.documents import DocumentReader
+from data_pipeline.sources import resolve_sources
+from tlm_base.errors import DataError
 
 DOCS = [f"Document number {i}.\nIt has two lines." for i in range(7)]
 JSONL = "".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(DOCS)).encode()

@@ -10,7 +10,7 @@ import torch
 
 from data_pipeline.dataset import TokenRows
 from data_pipeline.prepare import PrepareConfig, prepare
-from data_pipeline.sources import DataError
+from tlm_base.errors import DataError
 from data_pipeline.stream import GlobalOrder, TokenStream, validation_batches
 
 
