@@ -61,8 +61,8 @@ def main(minimind_dir: str, batch: int = 32, seq_len: int = 512, steps: int = 10
     tlm_config = load_config(None, {"model.preset": "tlm-26m", "batch.micro_batch_size": batch, "data.seq_len": seq_len,
                                     "train.precision": "bf16" if precision == "bf16" else "fp32",
                                     "train.backend": "single", "train.compile": compile_tlm, "logging.wandb": "disabled"})
-    tlm_model = TransformerLM(tlm_config.model_config())
-    backend = PlainBackend(tlm_model, tlm_config, DistInfo(0, 1, 0, device), accumulation=1)
+    tlm_model = TransformerLM(tlm_config.model)
+    backend = PlainBackend(tlm_model, tlm_config, DistInfo(0, 1, 0, device))
     tlm_batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
 
     def tlm_step() -> None:

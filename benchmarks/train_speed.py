@@ -50,7 +50,7 @@ def main(preset: str = "tlm-26m", batch: int = 4, seq: int = 256, steps: int = 5
         save_model_dir(model, Path(tmp) / "tlm")
         export_hf(Path(tmp) / "tlm", Path(tmp) / "hf")
         hf = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.float32).to(dev).train()
-    backend = PlainBackend(model, config, DistInfo(0, 1, 0, dev), accumulation=1)
+    backend = PlainBackend(model, config, DistInfo(0, 1, 0, dev))
     ids = torch.randint(0, model.config.vocab_size, (batch, seq + 1))
     tlm_batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
     scale = 1.0 / (batch * seq)

@@ -70,7 +70,7 @@ def name_of(model: str, lr: float, warmup: int, steps: int) -> str:
 def build(model: str, config) -> nn.Module:
     from tlm.model.transformer import TransformerLM
 
-    mc = config.model_config().replace(norm_position="post")
+    mc = config.model.replace(norm_position="post")
     if model == "torch-postln":
         return ReferencePostLN(mc.vocab_size, mc.hidden_size, mc.num_hidden_layers, mc.num_attention_heads,
                                config.data.seq_len)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import debug_config
-from tlm.checkpointing.model_dir import CONFIG_NAME, WEIGHTS_NAME, load_config, load_model_dir, save_model_dir
+from tlm.checkpointing.model_dir import CONFIG_NAME, WEIGHTS_NAME, read_model_config, load_model_dir, save_model_dir
 from tlm_base.errors import CheckpointError
 from tlm.model.transformer import TransformerLM
 
@@ -95,7 +95,7 @@ def test_unknown_config_key_names_file_and_key(saved: tuple[TransformerLM, Path]
     meta["model"]["num_experts"] = 8
     (path / CONFIG_NAME).write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"tlm_config.json: unknown model config key 'num_experts'"):
-        load_config(path)
+        read_model_config(path)
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,8 @@ import pytest
 
 from hostile import REPO, call_main, child, cli, refused, train_args
 from tlm.training.metrics import read_metrics
+from tlm.model.config import get_preset
+from tlm.training.config import load_config
 
 
 def test_help_is_tlms_own_and_needs_no_torch() -> None:
@@ -31,7 +33,8 @@ def test_help_is_tlms_own_and_needs_no_torch() -> None:
     assert out.strip().splitlines()[-1] == "False"  # no torch for help, version, or the data commands
 
 
-def test_train_help_lists_the_config_keys_and_show_config_prints_them(capsys: pytest.CaptureFixture) -> None:
+def test_train_help_lists_the_config_keys_and_show_config_prints_them(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
     status, out, _ = cli(["train", "--help"], capsys)
     assert status == 0 and "optim: lr, betas" in out and "checkpoint: every, keep_last, resume, overwrite, allow_change" in out
     status, out, _ = cli(["train", "--config", REPO / "configs" / "debug.yaml", "--show_config", "--optim.lr=0.002"],
@@ -40,7 +43,9 @@ def test_train_help_lists_the_config_keys_and_show_config_prints_them(capsys: py
 
     shown = yaml.safe_load(out)
     assert status == 0 and shown["optim"]["lr"] == 0.002 and shown["train"]["backend"] == "single"
-    assert shown["model"] == {"preset": "debug"} and "allow_change" in shown["checkpoint"]
+    assert shown["model"] == get_preset("debug").to_dict() and "allow_change" in shown["checkpoint"]  # resolved
+    (tmp_path / "shown.yaml").write_text(out)  # and it reads back to the same config
+    assert load_config(tmp_path / "shown.yaml") == load_config(REPO / "configs" / "debug.yaml", {"optim.lr": 0.002})
 
 
 def test_a_terminal_shows_validation_above_the_progress_bar(tmp_path: Path, prepared: Path) -> None:

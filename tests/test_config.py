@@ -121,7 +121,7 @@ def test_true_and_false_from_a_command_line_are_bools() -> None:
 
     recipe = Path(__file__).resolve().parent.parent / "configs" / "debug.yaml"
     config = load_config(recipe, {"model.tie_word_embeddings": "false", "train.compile": "False", "eval.at_start": "TRUE"})
-    assert config.model_config().tie_word_embeddings is False and config.train.compile is False
+    assert config.model.tie_word_embeddings is False and config.train.compile is False
     assert config.eval.at_start is True
     with pytest.raises(ConfigError, match="must be bool"):
         load_config(recipe, {"train.compile": "maybe"})

@@ -65,7 +65,8 @@ def test_several_configs_compose_key_by_key(tmp_path: Path, capsys: pytest.Captu
     assert status == 0, err
     resolved = yaml.safe_load(out)
     assert resolved["name"] == "second"
-    assert resolved["model"] == {"preset": "debug", "num_key_value_heads": 1, "hidden_size": 128}
+    model = resolved["model"]  # resolved: the debug preset with the two files' fields
+    assert (model["num_key_value_heads"], model["hidden_size"], model["num_hidden_layers"]) == (1, 128, 2)
     assert resolved["train"]["max_steps"] == 3 and resolved["train"]["seed"] == 2
     assert resolved["train"]["backend"] == "single"  # from debug.yaml, which neither later file names
     assert resolved["data"]["seq_len"] == 64 and resolved["optim"]["lr"] == 0.003

@@ -18,7 +18,7 @@ from tlm.checkpointing.layout import COMPLETE, read_latest, verify
 from tlm.checkpointing.lineage import find_resume
 from tlm.checkpointing.lineage import plan_start
 from tlm.training.config import load_config
-from tlm.training.trainer import rerun_hint
+from tlm.training.session import rerun_hint
 
 
 @pytest.fixture(scope="module")

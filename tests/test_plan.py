@@ -13,7 +13,7 @@ import torch
 from tlm.cli import main
 from tlm.model.config import get_preset
 from tlm.model.transformer import TransformerLM
-from tlm.training.plan import activation_bytes, model_state_bytes, parameter_counts, parse_bytes, plan, recommend
+from tlm.training.plan import activation_bytes, model_state_bytes, parameter_counts, parse_bytes, plan_rows, recommend
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -51,13 +51,13 @@ def test_activations_shrink_with_checkpointing_and_the_chunked_loss() -> None:
 
 def test_the_recommendation_is_the_cheapest_setting_that_fits() -> None:
     config = get_preset("llama-1b-shape")
-    roomy = plan(config, gpus=8, gpu_bytes=parse_bytes("80GiB"), micro_batch=4, seq_len=2048)
+    roomy = plan_rows(config, gpus=8, gpu_bytes=parse_bytes("80GiB"), micro_batch=4, seq_len=2048)
     assert recommend(roomy).backend == "ddp" and recommend(roomy).activation_checkpointing == "none"
-    tight = plan(config, gpus=8, gpu_bytes=parse_bytes("12GiB"), micro_batch=4, seq_len=2048)
+    tight = plan_rows(config, gpus=8, gpu_bytes=parse_bytes("12GiB"), micro_batch=4, seq_len=2048)
     best = recommend(tight)
     assert best.fits and best.total <= parse_bytes("12GiB")
     assert all(not row.fits for row in tight[: tight.index(best)])  # everything cheaper does not fit
-    assert recommend(plan(config, gpus=1, gpu_bytes=parse_bytes("1GiB"), micro_batch=4, seq_len=2048)) is None
+    assert recommend(plan_rows(config, gpus=1, gpu_bytes=parse_bytes("1GiB"), micro_batch=4, seq_len=2048)) is None
     assert parse_bytes("141GB") == 141 * 10**9 and parse_bytes("512MiB") == 512 * 2**20
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from data_pipeline.prepare import PrepareConfig, prepare
-from data_pipeline.sources import DataError
+from tlm_base.errors import DataError
 from tlm.training.backends.plain import PlainBackend
 from tlm.training.distributed import DistInfo
 from tlm.checkpointing.model_dir import load_model_dir
@@ -20,7 +20,8 @@ from tlm.model.flops import flops_per_token, matmul_params, peak_flops
 from tlm.model.transformer import TransformerLM
 from tlm.training.optim import lr_at, param_groups
 from tlm.training.trainer import train
-from tlm.training.config import ScheduleSection, TrainConfig, load_config
+from tlm.training.config import TrainConfig, load_config
+from tlm.training.sections import ScheduleSection
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -36,17 +37,18 @@ def config_for(prepared: Path, run_dir: Path, **overrides) -> TrainConfig:
 def test_recipes_load() -> None:
     baseline = load_config(CONFIGS / "tlm-26m.yaml")
     with torch.device("meta"):
-        assert TransformerLM(baseline.model_config()).num_parameters() == 25_829_888
+        assert TransformerLM(baseline.model).num_parameters() == 25_829_888
     assert (baseline.optim.lr, baseline.optim.betas, baseline.optim.weight_decay) == (5e-4, (0.9, 0.999), 0.01)
-    assert baseline.micro_steps(1) == 8 and baseline.micro_steps(8) == 1 and baseline.global_batch_size(4) == 256
+    assert baseline.batch_shape(1).accumulation_steps == 8 and baseline.batch_shape(8).accumulation_steps == 1
+    assert baseline.batch_shape(4).global_batch_size == 256 and baseline.batch_shape(4).tokens_per_step == 256 * 512
     assert baseline.train.precision == "bf16" and baseline.schedule.min_lr_ratio == 0.1
     demo = load_config(CONFIGS / "cpu-demo.yaml")
     assert demo.train.backend == "single" and demo.name == "cpu-demo"
     for recipe, preset, stage in (("minimind2-104m", "minimind2-104m", 1), ("gpt2-small-shape", "gpt2-small-shape", 1),
                                   ("llama-1b-shape", "llama-1b-shape", 3)):
         config = load_config(CONFIGS / f"{recipe}.yaml")  # each larger preset has a recipe that loads and checks
-        assert config.model_config() == get_preset(preset) and config.train.zero_stage == stage
-        assert config.global_batch_size(8) == 256 and config.data.seq_len <= config.model_config().max_position_embeddings
+        assert config.model == get_preset(preset) and config.train.zero_stage == stage
+        assert config.batch_shape(8).global_batch_size == 256 and config.data.seq_len <= config.model.max_position_embeddings
 
 
 @pytest.mark.parametrize(
@@ -79,9 +81,9 @@ def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
 
 def test_batch_in_tokens_and_world_sizes() -> None:
     config = load_config(CONFIGS / "debug.yaml", {"batch.global_batch_size": None, "batch.global_batch_tokens": 1024})
-    assert config.micro_steps(1) == 4 and config.micro_steps(2) == 2 and config.micro_steps(4) == 1
+    assert [config.batch_shape(world).accumulation_steps for world in (1, 2, 4)] == [4, 2, 1]
     with pytest.raises(ConfigError, match=r"x world size \(3\)"):
-        config.micro_steps(3)
+        config.batch_shape(3)
 
 
 def test_schedules() -> None:
@@ -121,7 +123,7 @@ def test_gradient_is_that_of_the_mean_over_all_target_tokens() -> None:
     model = TransformerLM(get_preset("debug"))
     reference = TransformerLM(get_preset("debug"))
     reference.load_state_dict(model.state_dict())
-    backend = PlainBackend(model, config, DistInfo(0, 1, 0, torch.device("cpu")), accumulation=2)
+    backend = PlainBackend(model, config, DistInfo(0, 1, 0, torch.device("cpu")))
     ids = torch.randint(0, 6400, (4, 17))
     masks = [torch.zeros(2, 16, dtype=torch.bool), torch.ones(2, 16, dtype=torch.bool)]
     masks[0][:, :3] = True  # 6 real tokens in the first micro-batch, 32 in the second

@@ -133,7 +133,7 @@ def complete(checkpoint: str, prompt: Any = None, prompt_ids: Any = None, max_ne
     """Continue the prompts (texts, or token ids) of a model directory; the figures `tlm generate` prints.
     Every value is checked before the model is loaded."""
     from data_pipeline.tokenizer_files import has_tokenizer, load_tokenizer
-    from tlm.checkpointing.model_dir import load_config, load_model_dir, read_model_meta
+    from tlm.checkpointing.model_dir import read_model_config, load_model_dir, read_model_meta
     from tlm.model.config import parse_rope_scaling
     from tlm.model.generate import generate
 
@@ -145,7 +145,7 @@ def complete(checkpoint: str, prompt: Any = None, prompt_ids: Any = None, max_ne
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     meta = read_model_meta(checkpoint)
-    config = load_config(checkpoint)
+    config = read_model_config(checkpoint)
     changes = {}
     if rope_scaling is not None:
         changes["rope_scaling"] = parse_rope_scaling(rope_scaling)

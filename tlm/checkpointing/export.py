@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from tlm.checkpointing.model_dir import CONFIG_NAME, load_config, read_weights
+from tlm.checkpointing.model_dir import CONFIG_NAME, read_model_config, read_weights
 from tlm.model.config import ModelConfig
-from tlm.training import faults
+from tlm_base import faults
 from tlm_base.errors import ExportError
 from tlm_base.fileio import atomic_write_json, check_output_folder, honour_umask, unknown_entries
 from tlm_base.folders import replace_folder
@@ -97,7 +97,7 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, dtype: 
     there is replaced whole (see the module's docstring)."""
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    config = load_config(checkpoint)
+    config = read_model_config(checkpoint)
     reasons = llama_incompatibilities(config)
     if reasons:
         raise ExportError(

@@ -136,7 +136,7 @@ def read_model_meta(model_dir: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_config(model_dir: str | os.PathLike) -> ModelConfig:
+def read_model_config(model_dir: str | os.PathLike) -> ModelConfig:
     """The ModelConfig stored in a model directory (unknown keys refused by name)."""
     meta = read_model_meta(model_dir)
     try:
@@ -196,7 +196,7 @@ def load_model_dir(
     `config_changes` may alter fields that do not change any tensor shape (e.g. `rope_scaling`, to
     switch YaRN on at inference); a change that does is caught by the shape check.
     """
-    config = load_config(model_dir)
+    config = read_model_config(model_dir)
     if config_changes:
         try:
             config = config.replace(**config_changes)

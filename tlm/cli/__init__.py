@@ -89,7 +89,7 @@ def config_keys() -> list[str]:
     lines = ["name", "model.preset and every model field (tlm presets shows them), e.g. model.num_key_value_heads"]
     for field in dataclasses.fields(TrainConfig()):
         value = getattr(TrainConfig(), field.name)
-        if dataclasses.is_dataclass(value):
+        if dataclasses.is_dataclass(value) and field.name != "model":
             lines.append(f"{field.name}: " + ", ".join(f.name for f in dataclasses.fields(value)))
     return lines
 

@@ -55,7 +55,7 @@ def plan(preset: str | None = None, config: str | list[str] | None = None, gpus:
     """
     from tlm.inference import check_int
     from tlm.model.config import get_preset
-    from tlm.training.plan import parse_bytes, plan as make_plan, plan_table, recommend, row_line
+    from tlm.training.plan import parse_bytes, plan_rows, plan_table, recommend, row_line
 
     check_int("--gpus", gpus, low=1)
     capacity = parse_bytes(gpu_mem)
@@ -63,7 +63,7 @@ def plan(preset: str | None = None, config: str | list[str] | None = None, gpus:
         from tlm.training.config import load_config
 
         recipe = load_config(config, {"model.preset": preset} if preset else None, max_config_mb)
-        model = recipe.model_config()
+        model = recipe.model
         seq_len = seq_len or recipe.data.seq_len
         micro_batch = micro_batch or recipe.batch.micro_batch_size
         loss_chunk = recipe.train.loss_chunk if loss_chunk is None else loss_chunk
@@ -72,7 +72,7 @@ def plan(preset: str | None = None, config: str | list[str] | None = None, gpus:
     seq_len, micro_batch, loss_chunk = seq_len or 512, micro_batch or 8, loss_chunk or 0
     for name, value in (("--seq-len", seq_len), ("--micro-batch", micro_batch)):
         check_int(name, value, low=1)
-    rows = make_plan(model, gpus, capacity, micro_batch, seq_len, loss_chunk, margin)
+    rows = plan_rows(model, gpus, capacity, micro_batch, seq_len, loss_chunk, margin)
     best = recommend(rows)
     print(f"{gpus} GPU(s) of {capacity / 2**30:.1f} GiB, micro-batch {micro_batch} x {seq_len} tokens, loss chunk "
           f"{loss_chunk or 'off'}; GiB per GPU:", file=sys.stderr)

@@ -52,7 +52,7 @@ def unigram_reference(scale: str, out: Path, extra: dict[str, Any] | None = None
         return known
     config = load_config(base_config_path(scale), extra)
     prepared, tokenizer_dir = resolve_data(config, True)
-    vocab = config.model_config().vocab_size
+    vocab = config.model.vocab_size
 
     def targets(split: str):
         rows = TokenRows(prepared, split, verify="size")

@@ -63,23 +63,23 @@ def bench_one(overrides: dict[str, Any], steps: int, warmup: int) -> dict[str, A
     """Time one configuration; returns its figures (the process group, if any, stays for the next)."""
     config = load_config(None, overrides)
     info = init_distributed(config)
-    accumulation = config.micro_steps(info.world_size)
+    shape = config.batch_shape(info.world_size)
+    accumulation, micro, seq = shape.accumulation_steps, shape.micro_batch_size, shape.seq_len
     torch.manual_seed(0)
-    model = TransformerLM(config.model_config())
-    backend = make_backend(model, config, info, accumulation)
-    micro, seq = config.batch.micro_batch_size, config.data.seq_len
+    model = TransformerLM(config.model)
+    backend = make_backend(model, config, info, shape)
     ids = torch.randint(0, model.config.vocab_size, (accumulation, micro, seq + 1))
     batches = [{"input_ids": ids[i, :, :-1], "labels": ids[i, :, 1:]} for i in range(accumulation)]
     if info.device.type == "cuda":
         batches = [{k: v.to(info.device) for k, v in b.items()} for b in batches]
         torch.cuda.reset_peak_memory_stats(info.device)
-    scale = info.world_size / (accumulation * micro * seq * info.world_size)
+    scale = info.world_size / shape.tokens_per_step
     backend.set_lr(config.optim.lr)
 
     def step() -> torch.Tensor:
         loss = torch.zeros((), device=info.device)
         for i, batch in enumerate(batches):
-            loss = loss + backend.micro_step(batch, scale, last=i == accumulation - 1)
+            loss = loss + backend.micro_step(batch, scale, last=i == accumulation - 1)[0]
         backend.optimizer_step()
         return loss
 
@@ -94,9 +94,9 @@ def bench_one(overrides: dict[str, Any], steps: int, warmup: int) -> dict[str, A
         loss = step()
     final_loss = float(loss)  # the one host-device sync of the timed window
     seconds = (time.perf_counter() - start) / steps
-    tokens = accumulation * micro * seq * info.world_size
+    tokens = shape.tokens_per_step
     result = {"step_time": seconds, "tokens_per_s": tokens / seconds, "warmup_seconds": warmup_seconds,
-              "loss": final_loss / (tokens / info.world_size), "global_batch": accumulation * micro * info.world_size}
+              "loss": final_loss / (tokens / info.world_size), "global_batch": shape.global_batch_size}
     if info.device.type == "cuda":
         result["peak_memory_mb"] = torch.cuda.max_memory_allocated(info.device) / 2**20
     engine = getattr(backend, "engine", None)
@@ -113,7 +113,7 @@ def bench(configurations: dict[str, dict[str, Any]], base: dict[str, Any], steps
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     matmul = measured_matmul_flops(device, dtype)
     datasheet = peak_flops(name) if device.type == "cuda" else None
-    flops = flops_per_token(config.model_config(), config.data.seq_len)
+    flops = flops_per_token(config.model, config.data.seq_len)
     rows = {}
     for label, overrides in configurations.items():
         log.info("bench: %s", label)

@@ -68,9 +68,9 @@ def _number(value: float) -> str:
 def studies(base: TrainConfig) -> dict[str, Study]:
     """The studies, their variants derived from the base recipe."""
     lr = base.optim.lr
-    batch = base.global_batch_size(1)
+    batch = base.batch_shape(1).global_batch_size
     steps = base.train.max_steps
-    heads = base.model_config().num_attention_heads
+    heads = base.model.num_attention_heads
     lr_variants = {f"lr={_number(lr * m)}": ({} if m == 1 else {"optim.lr": lr * m}) for m in LR_MULTIPLIERS}
     batch_variants = {}
     for m in BATCH_MULTIPLIERS:
@@ -86,7 +86,7 @@ def studies(base: TrainConfig) -> dict[str, Study]:
             if position == "post":
                 overrides = {"model.norm_position": "post", **overrides}
             stability[f"{position} lr={_number(lr * m)}"] = overrides
-    kv = {f"kv_heads={k}": ({} if k == base.model_config().num_key_value_heads else {"model.num_key_value_heads": k})
+    kv = {f"kv_heads={k}": ({} if k == base.model.num_key_value_heads else {"model.num_key_value_heads": k})
           for k in KV_HEADS if heads % k == 0 and k <= heads}
     return {
         "lr": Study("lr", "1. Learning rate", "no learning rate of the sweep beats the baseline's", "sweep",

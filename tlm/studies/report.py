@@ -212,7 +212,7 @@ def _parameter_note(study: Study, base) -> list[str]:
 def _parameters(base, overrides: dict[str, Any]) -> int:
     from tlm.model.transformer import TransformerLM
 
-    config = load_config(base_config_path_for(base), dict(overrides)).model_config()
+    config = load_config(base_config_path_for(base), dict(overrides)).model
     with torch.device("meta"):
         return TransformerLM(config).num_parameters()
 
@@ -237,7 +237,7 @@ def _table(study: Study, groups: dict[str, list[dict]], base, analyses: dict[str
     baseline = groups.get(study.baseline, [])
     for variant, runs in groups.items():
         overrides = study.variants[variant]
-        config = load_config(base_config_path_for(base), dict(overrides)).model_config()
+        config = load_config(base_config_path_for(base), dict(overrides)).model
         finals = [r["final_val"] for r in runs]
         loss = f"{mean(finals):.4f} +- {std(finals):.4f}" if finals else "-"
         diff = "baseline" if variant == study.baseline else (cell(compare(baseline, runs)) if runs and baseline else "-")

@@ -25,7 +25,7 @@ from data_pipeline.dataset import TokenRows, load_manifest
 from tlm.training.distributed import barrier, from_rank0
 from tlm_base.errors import CheckpointError, ConfigError
 from tlm_base.locks import FolderLock
-from tlm.checkpointing.resume_check import NEW_RUN
+from tlm.training.config import NEW_RUN
 from tlm.model.config import ModelConfig
 from tlm.training.config import TrainConfig
 
@@ -45,7 +45,7 @@ def _refuse_changed_sources(expect: dict[str, Any] | None, sources: list[dict[st
     inputs = (expect or {}).get("inputs")
     if not inputs:
         return
-    from data_pipeline.prepare import input_changes
+    from data_pipeline.prepare_config import input_changes
 
     old = [{"path": s["path"], "sha256": s.get("sha256")} for s in inputs.get("sources", [])]
     new = [{"path": s["path"], "sha256": s["sha256"]} for s in sources]
@@ -70,7 +70,8 @@ def resolve_data(config: TrainConfig, is_main: bool, expect: dict[str, Any] | No
         return path, _tokenizer_of(config, manifest)
 
     from data_pipeline import default_data
-    from data_pipeline.prepare import PrepareConfig, describe_inputs, fingerprint_of, prepare
+    from data_pipeline.prepare import prepare
+    from data_pipeline.prepare_config import PrepareConfig, describe_inputs, fingerprint_of
     from data_pipeline.sources import resolve_sources
 
     source, val_source, held_out = default_data(data.source, data.val_source, data.val_fraction)
@@ -88,7 +89,7 @@ def resolve_data(config: TrainConfig, is_main: bool, expect: dict[str, Any] | No
             raise ConfigError(f"data.tokenizer '{data.tokenizer}' has no tokenizer.json")
         with FolderLock(tokenizer, "tokenizer cache entry", wait=True):
             if not (tokenizer / "tokenizer.json").is_file():  # another run may have made it while we waited
-                from data_pipeline.sources import DocumentReader
+                from data_pipeline.documents import DocumentReader
                 from data_pipeline.tokenizer import save_tokenizer, train_tokenizer
 
                 log.info("training a %d-token tokenizer on %s (first use) -> %s", data.vocab_size, source, tokenizer)
@@ -145,11 +146,12 @@ class RunData:
 
 def model_config_for(config: TrainConfig, tokenizer_dir: Path | None) -> ModelConfig:
     """The run's model config, its bos/eos/pad ids taken from the tokenizer unless the config sets them."""
-    model_config = config.model_config()
+    model_config = config.model
     if tokenizer_dir is not None:
         from data_pipeline.tokenizer_files import special_token_ids
 
-        ids = {k: v for k, v in special_token_ids(tokenizer_dir).items() if k not in config.model}
+        ids = {k: v for k, v in special_token_ids(tokenizer_dir).items()
+               if k not in config.model_keys or getattr(config.model, k) is None}  # None: the tokenizer's
         model_config = model_config.replace(**ids)
     return model_config
 

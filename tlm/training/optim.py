@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from tlm.training.config import OptimSection, ScheduleSection
+from tlm.training.sections import OptimSection, ScheduleSection
 
 
 def param_groups(model: nn.Module, optim: OptimSection) -> list[dict]:

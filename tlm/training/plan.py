@@ -25,11 +25,20 @@ fragmentation and the communication buffers the formulas leave out.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tlm.model.config import ModelConfig
+from tlm_base.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from tlm.training.config import BatchShape, TrainConfig
+
+log = logging.getLogger("tlm")
 
 CHECKPOINTING = ("none", "selective", "full")
 # cheapest first: no sharding before sharding, no recomputation before recomputation
@@ -116,7 +125,7 @@ def plan_row(config: ModelConfig, backend: str, zero_stage: int | None, gpus: in
                    int((params + grads + optim + acts) * (1 + margin)), True)
 
 
-def plan(config: ModelConfig, gpus: int, gpu_bytes: int, micro_batch: int, seq_len: int, loss_chunk: int = 0,
+def plan_rows(config: ModelConfig, gpus: int, gpu_bytes: int, micro_batch: int, seq_len: int, loss_chunk: int = 0,
          margin: float = 0.1) -> list[PlanRow]:
     """Every setting, cheapest first, with its per-GPU bytes and whether it fits in `gpu_bytes`."""
     rows = [plan_row(config, backend, stage, gpus, micro_batch, seq_len, loss_chunk, checkpointing, margin)
@@ -163,3 +172,23 @@ def row_line(row: PlanRow) -> str:
 def plan_table(rows: list[PlanRow]) -> list[dict[str, Any]]:
     return [{**asdict(row), "setting": row.name} for row in rows]
 
+
+
+def check_memory(model: ModelConfig, config: TrainConfig, shape: BatchShape, device: torch.device,
+                 is_main: bool) -> None:
+    """Say what the plan expects per device for a run; refuse, before anything is built, a setting whose model
+    states and activations (without the plan's margin) exceed the GPU this rank sees."""
+    row = plan_row(model, config.train.backend, config.train.zero_stage, shape.world_size, shape.micro_batch_size,
+                   shape.seq_len, config.train.loss_chunk, config.train.activation_checkpointing)
+    if is_main:
+        log.info("memory plan: %s", row_line(row))
+    if device.type != "cuda":
+        return
+    import torch
+
+    capacity = torch.cuda.get_device_properties(device).total_memory
+    needed = row.parameters + row.gradients + row.optimizer_states + row.activations
+    if needed > capacity:
+        raise ConfigError(f"memory plan: {row_line(row)}, more than the {capacity / 2**30:.1f} GiB of "
+                          f"{torch.cuda.get_device_name(device)}; `tlm plan --config RECIPE --gpus {shape.world_size}` "
+                          "lists the settings that fit (ZeRO stage, micro-batch, loss_chunk)")

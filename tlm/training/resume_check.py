@@ -1,6 +1,7 @@
 """A resume proves its config: the configuration saved with a checkpoint is compared with the new one.
 
-Three kinds of keys:
+Three kinds of keys, each field's kind stated where the field is defined (tlm.training.config: `identity(...)`,
+`on_purpose(...)`, `free(...)`):
 - identity: what the weights and the data mean (every model field, resolved; the tokenizer and the prepared
   data, by content; data.seq_len, data.pack, train.seed). A change is refused, always: the run folder would
   hold weights its config does not describe. The way out is a new run.
@@ -20,56 +21,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tlm_base.errors import CheckpointError, ConfigError
+from tlm_base.errors import CheckpointError
+from tlm.training.config import NEW_RUN, allowed_patterns, flatten_config, resume_kinds
 
-IDENTITY_KEYS = ("data.seq_len", "data.pack", "train.seed")
-FREE_KEYS = (
-    "name", "train.stop_at", "train.stop_grace_s", "train.device", "checkpoint.resume", "checkpoint.allow_change",
-    "checkpoint.overwrite",
-    "checkpoint.keep_last",  # how many old checkpoints stay on disk: no figure depends on it
-    "logging.run_dir", "logging.progress", "logging.wandb", "logging.wandb_project", "logging.sample_prompt",
-    "data.prefetch", "data.cache_dir", "data.prepared", "data.mix", "data.source", "data.val_source", "data.tokenizer",
-    "data.vocab_size", "data.val_fraction", "data.text_field", "data.sample_by", "data.on_error",
-    # (these name or make the data; the data itself is compared by content)
-    "train.activation_checkpointing",  # recomputation: the same numbers, less memory
-    "train.backend", "train.zero_stage",  # checked by the backend rules (a change of backend is refused there)
-)
 TOKENIZER_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
-NEW_RUN = ("start a new run instead (--name=NEW_NAME or --logging.run_dir=NEW_FOLDER, or --checkpoint.resume=none "
-           "--checkpoint.overwrite=true to delete this one)")
-
-
-def flatten_config(tree: dict[str, Any]) -> dict[str, Any]:
-    """{"optim": {"lr": 1}} -> {"optim.lr": 1}, in JSON form (tuples as lists); the model section is left out
-    (it is compared resolved, field by field)."""
-    tree = json.loads(json.dumps(tree))
-    flat: dict[str, Any] = {}
-    for section, values in tree.items():
-        if section == "model":
-            continue
-        if isinstance(values, dict):
-            flat.update({f"{section}.{k}": v for k, v in values.items()})
-        else:
-            flat[section] = values
-    return flat
-
-
-def allowed_patterns(value: Any, known: set[str]) -> list[str]:
-    """Parse --checkpoint.allow_change (a comma-separated string or a list) and check each key exists."""
-    if value is None or value == "":
-        return []
-    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
-    patterns = [item.strip() for item in items if item.strip()]
-    for pattern in patterns:
-        if any(fnmatch.fnmatchcase(key, pattern) for key in IDENTITY_KEYS) or pattern.split(".")[0] == "model":
-            raise ConfigError(f"checkpoint.allow_change: '{pattern}' changes what the weights or the data mean and "
-                              f"cannot be changed on resume; {NEW_RUN}")
-        if not any(fnmatch.fnmatchcase(key, pattern) for key in known):
-            raise ConfigError(f"checkpoint.allow_change: '{pattern}' names no config key (e.g. optim.lr, train.max_steps, "
-                              "schedule.*)")
-    return patterns
-
-
 def _show(value: Any) -> str:
     text = json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -96,11 +51,13 @@ def check_config(checkpoint: Path, saved: dict[str, Any], config_tree: dict[str,
     old, new = flatten_config(saved), flatten_config(config_tree)
     patterns = allowed_patterns(allow, set(new))
     identity = model_changes(saved_model, new_model, with_tokenizer_ids=False) if saved_model is not None else {}
-    identity.update({k: (old.get(k), new.get(k)) for k in IDENTITY_KEYS if k in old and old.get(k) != new.get(k)})
+    kinds = resume_kinds()
+    identity.update({k: (old.get(k), new.get(k)) for k, kind in kinds.items()
+                     if kind == "identity" and k in old and old.get(k) != new.get(k)})
     if identity:
         raise CheckpointError(f"cannot resume {checkpoint}: {diff_lines(identity)}; these change what the weights or the "
                               f"data mean; {NEW_RUN}")
-    changed = {k: (old.get(k), new.get(k)) for k in new if k in old and old[k] != new[k] and k not in FREE_KEYS}
+    changed = {k: (old.get(k), new.get(k)) for k in new if k in old and old[k] != new[k] and kinds.get(k) != "free"}
     unallowed = {k: v for k, v in changed.items() if not any(fnmatch.fnmatchcase(k, p) for p in patterns)}
     if unallowed:
         keys = ",".join(unallowed)

@@ -34,7 +34,8 @@ def run_training(config_path: str | list[str] | None, overrides: dict[str, Any],
     """
     from tlm.training.config import load_config
     from tlm.training.preemption import INTERRUPTED
-    from tlm.training.trainer import rerun_hint, shutdown, train
+    from tlm.training.session import rerun_hint
+    from tlm.training.trainer import shutdown, train
 
     if config_path is None:
         config_path = str(default_recipe())

@@ -14,7 +14,6 @@ import math
 import os
 import resource
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 import tlm
-from tlm_base.errors import CheckpointError, ConfigError, RankAgreedError, TLMError, TrainingError
+from tlm_base.errors import CheckpointError, RankAgreedError, TLMError, TrainingError
 from tlm_base.fileio import atomic_write_json
 from tlm_base.locks import FolderLock
 from data_pipeline.stream import TokenStream
@@ -30,9 +29,9 @@ from tlm.checkpointing.checkpoints import Checkpointer
 from tlm.checkpointing.layout import ValidationFigures, checkpoint_dir, read_trainer_state
 from tlm.checkpointing.lineage import find_resume, plan_start
 from tlm.checkpointing.model_dir import read_model_meta, save_model_dir
-from tlm.checkpointing.resume_check import check_config, check_data, diff_lines, model_changes
+from tlm.training.resume_check import check_config, check_data, diff_lines, model_changes
 from tlm.model.transformer import TransformerLM
-from tlm.training import faults
+from tlm_base import faults
 from tlm.training.backends import check_resume, make_backend, prepare_resume
 from tlm.training.distributed import all_reduce, barrier, from_rank0, init_distributed
 from tlm.training.config import TrainConfig
@@ -41,55 +40,11 @@ from tlm.training.evaluate import evaluate, evaluate_parts
 from tlm.model.flops import flops_per_token, peak_flops
 from tlm.training.metrics import RunLogger
 from tlm.training.optim import lr_at
+from tlm.training.plan import check_memory
 from tlm.training.preemption import INTERRUPTED, StopRequest
+from tlm.training.session import Progress, rerun_hint, sample_text
 
 log = logging.getLogger("tlm")
-
-
-def _sample(model_dir: Path, prompt: str, device: torch.device) -> str | None:
-    from data_pipeline.tokenizer_files import has_tokenizer, load_tokenizer
-    from tlm.checkpointing.model_dir import load_model_dir
-    from tlm.model.generate import generate
-
-    if not has_tokenizer(model_dir):
-        return None
-    model = load_model_dir(model_dir, device=device)
-    tok = load_tokenizer(model_dir)
-    ids = generate(model, [tok.encode(prompt).ids], max_new_tokens=48, temperature=0.8, top_k=50,
-                   eos_token_id=model.config.eos_token_id, generator=torch.Generator(device=device).manual_seed(0))[0]
-    return prompt + tok.decode(ids)
-
-
-def rerun_hint(config: TrainConfig, at_stop_at: bool = False) -> str:
-    """How to resume this run, for every message that says so: the same command only when it would continue
-    (not with --checkpoint.resume=none or a rollback's path, nor after reaching --train.stop_at)."""
-    changes, again = [], ""
-    resume = config.checkpoint.resume
-    if resume != "auto":
-        changes.append(f"--checkpoint.resume=auto in place of --checkpoint.resume={resume}")
-        again = "start over" if resume == "none" else f"go back to {resume} again"
-    if at_stop_at:
-        changes.append(f"a later --train.stop_at than {config.train.stop_at} (or none)")
-        again = again or "stop there again"
-    if not changes:
-        return "rerun the same command to resume"
-    return f"rerun with {' and '.join(changes)} to resume (the same command would {again})"
-
-
-@dataclass
-class Progress:
-    """The trainer's own counters: saved at the top level of trainer.json and restored from it."""
-
-    step: int = 0
-    tokens_seen: int = 0
-    skipped_steps: int = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.tokens_seen = state["step"], state.get("tokens_seen", 0)
-        self.skipped_steps = state.get("skipped_steps", 0)
 
 
 class Trainer:
@@ -99,10 +54,7 @@ class Trainer:
         self.started = time.perf_counter()
         self.config = config
         self.info = info = init_distributed(config)
-        self.accumulation = config.micro_steps(info.world_size)
-        self.micro = config.batch.micro_batch_size
-        self.seq_len = config.data.seq_len
-        self.global_batch = self.micro * self.accumulation * info.world_size
+        self.shape = config.batch_shape(info.world_size)
         self.run_dir = config.run_dir
         self.lock = self._own_run_dir()
         try:
@@ -110,33 +62,14 @@ class Trainer:
             self.data = load_run_data(config, info.is_main, self.state.get("data") if self.state else None)
             self._check_resumed_data()
             self.model_config = self.data.model_config
-            self._check_memory()
+            check_memory(self.model_config, config, self.shape, self.info.device, self.info.is_main)
             self.total_steps = config.train.max_steps or max(
-                1, math.ceil(config.train.epochs * len(self.data.rows) / self.global_batch))
+                1, math.ceil(config.train.epochs * len(self.data.rows) / self.shape.global_batch_size))
             self._build()
             self._start_logging()
         except BaseException:
             self.release()
             raise
-
-    def _check_memory(self) -> None:
-        """Say what the memory plan expects per device; refuse, before building anything, a setting whose model
-        states and activations (without the plan's margin) exceed the GPU this rank sees."""
-        from tlm.training.plan import plan_row, row_line
-
-        config, info = self.config, self.info
-        row = plan_row(self.model_config, config.train.backend, config.train.zero_stage, info.world_size, self.micro,
-                       self.seq_len, config.train.loss_chunk, config.train.activation_checkpointing)
-        if info.is_main:
-            log.info("memory plan: %s", row_line(row))
-        if info.device.type != "cuda":
-            return
-        capacity = torch.cuda.get_device_properties(info.device).total_memory
-        needed = row.parameters + row.gradients + row.optimizer_states + row.activations
-        if needed > capacity:
-            raise ConfigError(f"memory plan: {row_line(row)}, more than the {capacity / 2**30:.1f} GiB of "
-                              f"{torch.cuda.get_device_name(info.device)}; `tlm plan --config RECIPE --gpus "
-                              f"{info.world_size}` lists the settings that fit (ZeRO stage, micro-batch, loss_chunk)")
 
     def release(self) -> None:
         """Give the run folder up (the process's end does it too, whatever the end)."""
@@ -179,7 +112,7 @@ class Trainer:
         check_resume(self.resume, state, config)
         self.saved_model = state.get("model") or read_model_meta(self.resume / "model")["model"]
         self.changes = check_config(self.resume, state["config"], config.to_dict(), self.saved_model,
-                                    config.model_config().to_dict(), config.checkpoint.allow_change)
+                                    config.model.to_dict(), config.checkpoint.allow_change)
         if self.changes:
             self.change_log.append({"step": state["step"], "changes": {k: list(v) for k, v in self.changes.items()}})
             if self.info.is_main:
@@ -197,7 +130,7 @@ class Trainer:
 
                 changes = mix_changes(saved["inputs"].get("mix", []), identity["inputs"].get("mix", []))
             else:
-                from data_pipeline.prepare import input_changes
+                from data_pipeline.prepare_config import input_changes
 
                 changes = input_changes(saved["inputs"], identity["inputs"])
         check_data(self.resume, saved, identity["fingerprint"], identity["tokenizer_sha256"], changes)
@@ -216,8 +149,8 @@ class Trainer:
         universal = prepare_resume(self.resume, self.state, config, info) if self.state is not None else False
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
         self.model = TransformerLM(self.model_config)
-        self.backend = make_backend(self.model, config, info, self.accumulation, universal)
-        self.stream = TokenStream(self.data.rows, self.micro, info.rank, info.world_size, seed=config.train.seed,
+        self.backend = make_backend(self.model, config, info, self.shape, universal)
+        self.stream = TokenStream(self.data.rows, self.shape.micro_batch_size, info.rank, info.world_size, seed=config.train.seed,
                                   prefetch=config.data.prefetch, pin_memory=info.device.type == "cuda",
                                   documents=config.train.document_masking)
         self.progress = Progress()
@@ -241,7 +174,7 @@ class Trainer:
                 and "AVX512" not in torch.backends.cpu.get_cpu_capability():
             log.warning("this CPU (%s) has no AVX-512 BF16: bf16 matmuls are emulated and can be 10-45x slower than "
                         "fp32; consider --train.precision=fp32", torch.backends.cpu.get_cpu_capability())
-        self.flops = flops_per_token(self.model_config, self.seq_len)
+        self.flops = flops_per_token(self.model_config, self.shape.seq_len)
         self.peak = peak_flops(torch.cuda.get_device_name(info.device)) if info.device.type == "cuda" else None
         self.logger = RunLogger(config.to_dict(), config.name, self.run_dir, info.is_main, config.logging.wandb,
                                 config.logging.wandb_project, config.logging.progress)
@@ -261,7 +194,8 @@ class Trainer:
             backend = config.train.backend if info.world_size == 1 or config.train.backend != "single" else "ddp"
             log.info("training %s: %s parameters, %d steps of %d sequences x %d tokens (%d ranks x micro %d x "
                      "accumulation %d), backend %s%s, %s", config.name, f"{self.model.num_parameters():,}",
-                     self.total_steps, self.global_batch, self.seq_len, info.world_size, self.micro, self.accumulation,
+                     self.total_steps, self.shape.global_batch_size, self.shape.seq_len, info.world_size,
+                     self.shape.micro_batch_size, self.shape.accumulation_steps,
                      backend, f" ZeRO-{config.train.zero_stage}" if backend == "deepspeed" else "",
                      config.train.precision)
         self.logger.start_progress(self.total_steps, self.step)
@@ -286,7 +220,7 @@ class Trainer:
         if self.model_config.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         save_model_dir(model, path, tokenizer_dir=self.data.tokenizer_dir,
-                       extra={"trained_steps": step, "trained_seq_len": self.seq_len})
+                       extra={"trained_steps": step, "trained_seq_len": self.shape.seq_len})
 
     def _save_hook(self, step: int) -> None:
         if faults.hit(self.faults, "kill_in_save", step, self.info.rank):
@@ -303,7 +237,7 @@ class Trainer:
         if self.data.val_rows is None and not self.data.val_sets:
             return
         max_batches = None if final and self.config.eval.final_full else self.config.eval.max_batches
-        batch = self.config.eval.batch_size or self.micro
+        batch = self.config.eval.batch_size or self.shape.micro_batch_size
         documents = self.config.train.document_masking  # evaluated as trained
         if self.data.val_sets:  # a mixture: each part's validation split, then all of them together
             self.last_eval = evaluate_parts({name: evaluate(self.backend, rows, batch, max_batches, self.info,
@@ -322,40 +256,45 @@ class Trainer:
         self.last_saved = self.step
         return path
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
-        """One optimizer step; returns (local loss sum, global target tokens, lr, grad norm)."""
-        info = self.info
+    def train_step(self) -> tuple[torch.Tensor, int, float, torch.Tensor | None]:
+        """One optimizer step, the whole path of its batches: the step's target tokens over every rank (the one
+        normaliser: the loss is their mean), a micro-step per batch (forward, loss sum x scale, backward) and
+        the optimizer step. Returns (this rank's loss sum, its target tokens, lr, grad norm)."""
+        info, shape = self.info, self.shape
         lr = lr_at(self.step, self.total_steps, self.config.optim.lr, self.config.schedule)
         self.backend.set_lr(lr)
         if faults.hit(self.faults, "kill", self.step + 1, info.rank):
             faults.kill_self(f"as step {self.step + 1} begins")
-        batches = [next(self.stream) for _ in range(self.accumulation)]
-        if self.data.packed:  # every target counts: a constant, made once (no host-to-device copy per step)
-            if not hasattr(self, "_packed_tokens"):
-                self._packed_tokens = torch.tensor(float(self.global_batch * self.seq_len), dtype=torch.float64,
-                                                   device=info.device)
-            tokens = self._packed_tokens
-            scale = info.world_size / (self.global_batch * self.seq_len)
-        else:
-            tokens = all_reduce(torch.tensor(float(sum(b["loss_mask"].sum() for b in batches)), dtype=torch.float64,
-                                              device=info.device))
-            scale = info.world_size / tokens.item()
+        batches = [next(self.stream) for _ in range(shape.accumulation_steps)]
+        # x world size: every backend averages gradients over the ranks
+        scale = info.world_size / self._step_tokens(batches)
         if faults.hit(self.faults, "nan", self.step + 1, info.rank):
             scale = float("nan")  # the gradients of this step (not the loss) become NaN
-        loss = torch.zeros((), dtype=torch.float64, device=info.device)
+        loss, tokens = torch.zeros((), dtype=torch.float64, device=info.device), 0
         for i, batch in enumerate(batches):
-            loss += self.backend.micro_step(batch, scale, last=i == self.accumulation - 1).double()
+            loss_sum, batch_tokens = self.backend.micro_step(batch, scale, last=i == len(batches) - 1)
+            loss += loss_sum.double()
+            tokens += batch_tokens
         grad_norm = self.backend.optimizer_step()
         self.progress.step += 1
-        self.progress.tokens_seen += self.global_batch * self.seq_len
-        self.trained_tokens += self.global_batch * self.seq_len
+        self.progress.tokens_seen += shape.tokens_per_step
+        self.trained_tokens += shape.tokens_per_step
         if self.backend.skipped:
             self._non_finite(loss, tokens, lr, grad_norm)
         else:
             self.consecutive_skips = 0
         return loss, tokens, lr, grad_norm
 
-    def _non_finite(self, loss: torch.Tensor, tokens: torch.Tensor, lr: float, grad_norm: torch.Tensor | None) -> None:
+    def _step_tokens(self, batches: list[dict[str, torch.Tensor]]) -> int | float:
+        """The target tokens of a step over every rank: all of them with packed rows (no communication), else the
+        masked-in ones summed across the ranks (one small all-reduce, read back: a host sync)."""
+        if self.data.packed:
+            return self.shape.tokens_per_step
+        local = torch.tensor(float(sum(b["loss_mask"].sum() for b in batches)), dtype=torch.float64,
+                             device=self.info.device)
+        return all_reduce(local).item()
+
+    def _non_finite(self, loss: torch.Tensor, tokens: int, lr: float, grad_norm: torch.Tensor | None) -> None:
         """A step whose gradients were not finite (its update was not applied): count it, or stop."""
         self.progress.skipped_steps += 1
         self.consecutive_skips += 1
@@ -373,7 +312,7 @@ class Trainer:
         if self.info.is_main:
             atomic_write_json(dump, {
                 "step": self.step, "why": why, "lr": lr, "grad_norm": norm,
-                "step_loss": float(loss / tokens * self.info.world_size), "skipped_steps": self.progress.skipped_steps,
+                "rank0_step_loss": float(loss / tokens), "skipped_steps": self.progress.skipped_steps,
                 "parameters_with_nonfinite_grads": self.backend.nonfinite,
                 "data_position": {"consumed_samples": self.stream.consumed_samples, "epoch": self.stream.epoch},
                 "last_good_checkpoint": str(last) if last else None, "config": self.config.to_dict(),
@@ -381,10 +320,11 @@ class Trainer:
         raise TrainingError(f"non-finite gradients at step {self.step} ({why}): wrote {dump}; nothing was saved "
                             f"from this state; the last good checkpoint is {last or 'none (no checkpoint yet)'}")
 
-    def log_window(self, loss: torch.Tensor, tokens: torch.Tensor, steps: int, seconds: float, lr: float,
+    def log_window(self, loss: torch.Tensor, tokens: int, steps: int, seconds: float, lr: float,
                    grad_norm: torch.Tensor | None) -> None:
-        sums = all_reduce(torch.stack([loss, tokens / self.info.world_size]))
-        tokens_per_s = steps * self.global_batch * self.seq_len / seconds
+        """The window's mean loss over every rank's target tokens (one all-reduce), its speed, and where it stands."""
+        sums = all_reduce(torch.stack([loss, torch.tensor(float(tokens), dtype=torch.float64, device=loss.device)]))
+        tokens_per_s = steps * self.shape.tokens_per_step / seconds
         values = {"step": self.step, "loss": (sums[0] / sums[1]).item(), "lr": lr,
                   "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_seen": self.progress.tokens_seen,
                   "tokens_per_s": tokens_per_s, "step_time": seconds / steps, "epoch": self.stream.epoch,
@@ -431,7 +371,7 @@ class Trainer:
         if config.eval.at_start and self.step == 0:
             self.run_eval()
         window_loss = torch.zeros((), dtype=torch.float64, device=self.info.device)
-        window_tokens = torch.zeros((), dtype=torch.float64, device=self.info.device)
+        window_tokens = 0
         window_start, window_steps = time.perf_counter(), 0
         while self.step < stop_at:
             loss, tokens, lr, grad_norm = self.train_step()
@@ -441,7 +381,7 @@ class Trainer:
             if self.step % config.logging.log_every == 0 or self.step == self.total_steps:
                 self.log_window(window_loss, window_tokens, window_steps, time.perf_counter() - window_start, lr, grad_norm)
                 window_loss.zero_()
-                window_tokens.zero_()
+                window_tokens = 0
                 window_start, window_steps = time.perf_counter(), 0
             if config.eval.every and self.step % config.eval.every == 0 and self.step < self.total_steps:
                 self.run_eval()
@@ -481,7 +421,7 @@ class Trainer:
         summary["peak_memory_mb"] = (torch.cuda.max_memory_allocated(info.device) / 2**20 if info.device.type == "cuda"
                                      else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         if info.is_main and self.config.logging.sample_prompt:
-            summary["sample"] = _sample(final_path / "model", self.config.logging.sample_prompt, info.device)
+            summary["sample"] = sample_text(final_path / "model", self.config.logging.sample_prompt, info.device)
         if info.is_main:
             atomic_write_json(self.run_dir / "summary.json", summary)
         return {**summary, "history": self.logger.history}

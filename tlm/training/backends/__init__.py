@@ -24,11 +24,11 @@ import torch.distributed as dist
 
 from tlm.model.transformer import TransformerLM
 from tlm.training.backends.base import Backend
-from tlm.training.config import TrainConfig
+from tlm.training.config import BatchShape, TrainConfig
 from tlm.training.distributed import DistInfo
 
 
-def make_backend(model: TransformerLM, config: TrainConfig, info: DistInfo, accumulation: int,
+def make_backend(model: TransformerLM, config: TrainConfig, info: DistInfo, shape: BatchShape,
                  load_universal: bool = False) -> Backend:
     """The backend `config.train.backend` names, around `model` (imported only when chosen: DeepSpeed is slow to
     import)."""
@@ -37,14 +37,14 @@ def make_backend(model: TransformerLM, config: TrainConfig, info: DistInfo, accu
     if kind in ("single", "ddp"):
         from tlm.training.backends.plain import PlainBackend
 
-        return PlainBackend(model, config, info, accumulation)
+        return PlainBackend(model, config, info)
     if kind == "deepspeed":
         from tlm.training.backends.zero import DeepSpeedBackend
 
-        return DeepSpeedBackend(model, config, info, accumulation, load_universal)
+        return DeepSpeedBackend(model, config, info, shape, load_universal)
     from tlm.training.backends.fsdp2 import FSDP2Backend
 
-    return FSDP2Backend(model, config, info, accumulation)
+    return FSDP2Backend(model, config, info)
 
 
 def check_resume(path: Path, state: dict[str, Any], config: TrainConfig) -> None:

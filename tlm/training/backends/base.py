@@ -19,10 +19,9 @@ class Backend:
 
     name = "base"
 
-    def __init__(self, model: TransformerLM, config: TrainConfig, info: DistInfo, accumulation: int) -> None:
+    def __init__(self, model: TransformerLM, config: TrainConfig, info: DistInfo) -> None:
         self.config = config
         self.info = info
-        self.accumulation = accumulation
         self.bf16 = config.train.precision == "bf16"
         fused = config.train.fused_adamw
         self.fused = (info.device.type == "cuda") if fused is None else fused
@@ -49,13 +48,15 @@ class Backend:
                               loss_chunk=self.config.train.loss_chunk, attention_mask=batch.get("attention_mask"),
                               position_ids=batch.get("position_ids"))
 
-    def micro_step(self, batch: dict[str, torch.Tensor], loss_scale: float, last: bool) -> torch.Tensor:
-        """Forward, loss x loss_scale, backward; returns the detached unscaled loss sum."""
+    def micro_step(self, batch: dict[str, torch.Tensor], loss_scale: float, last: bool) -> tuple[torch.Tensor, int]:
+        """Forward, loss sum x `loss_scale` (the trainer's one normalisation), backward; returns (the detached,
+        unscaled loss sum, the batch's target tokens), the count read on the host before the batch moves."""
+        tokens = target_tokens(batch)
         batch = self._to_device(batch)
         with self.accumulation_context(last):
             loss = self.loss_sum(batch)
             (loss * loss_scale).backward()
-        return loss.detach()
+        return loss.detach(), tokens
 
     def optimizer_step(self) -> torch.Tensor | None:
         """Clip, step, zero the gradients; returns the gradient norm before clipping.
@@ -96,6 +97,13 @@ class Backend:
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.info.device, non_blocking=True) for k, v in batch.items()}
+
+
+def target_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The tokens a batch's loss counts: every label of packed rows, the masked-in ones otherwise (read on the host,
+    where the batch still is: no device sync)."""
+    mask = batch.get("loss_mask")
+    return batch["labels"].numel() if mask is None else int(mask.sum())
 
 
 def nonfinite_grads(module: nn.Module) -> list[str]:

@@ -15,8 +15,8 @@ class FSDP2Backend(Backend):
 
     name = "fsdp2"
 
-    def __init__(self, model, config, info, accumulation) -> None:
-        super().__init__(model, config, info, accumulation)
+    def __init__(self, model, config, info) -> None:
+        super().__init__(model, config, info)
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         model = model.to(info.device)

@@ -20,8 +20,8 @@ class PlainBackend(Backend):
 
     name = "ddp"
 
-    def __init__(self, model: TransformerLM, config: TrainConfig, info: DistInfo, accumulation: int) -> None:
-        super().__init__(model, config, info, accumulation)
+    def __init__(self, model: TransformerLM, config: TrainConfig, info: DistInfo) -> None:
+        super().__init__(model, config, info)
         self.module = model.to(info.device)
         self.model = torch.compile(self.module) if config.train.compile else self.module
         if info.world_size > 1:

@@ -12,9 +12,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tlm.training.backends.base import Backend
-from tlm.training.config import TrainConfig
-from tlm.training.distributed import DistInfo
+from tlm.training.backends.base import Backend, target_tokens
+from tlm.training.config import BatchShape, TrainConfig
 from tlm.training.optim import adamw, param_groups
 from tlm_base.errors import ConfigError
 
@@ -23,7 +22,7 @@ DS_CONFIG_DIR = Path(__file__).resolve().parents[3] / "ds_configs"
 DS_TAG = "deepspeed"
 
 
-def deepspeed_config(config: TrainConfig, info: DistInfo, accumulation: int, load_universal: bool) -> dict[str, Any]:
+def deepspeed_config(config: TrainConfig, shape: BatchShape, load_universal: bool) -> dict[str, Any]:
     """ds_configs/zero{stage}.json with every field tlm owns filled in from the one config."""
     stage = config.train.zero_stage
     path = DS_CONFIG_DIR / f"zero{stage}.json"
@@ -39,8 +38,8 @@ def deepspeed_config(config: TrainConfig, info: DistInfo, accumulation: int, loa
     micro = config.batch.micro_batch_size
     ds.update({
         "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accumulation,
-        "train_batch_size": micro * accumulation * info.world_size,
+        "gradient_accumulation_steps": shape.accumulation_steps,
+        "train_batch_size": shape.global_batch_size,
         "gradient_clipping": config.optim.grad_clip,
     })
     if config.train.precision == "bf16":
@@ -59,11 +58,11 @@ class DeepSpeedBackend(Backend):
 
     name = "deepspeed"
 
-    def __init__(self, model, config, info, accumulation, load_universal: bool = False) -> None:
-        super().__init__(model, config, info, accumulation)
+    def __init__(self, model, config, info, shape: BatchShape, load_universal: bool = False) -> None:
+        super().__init__(model, config, info)
         import deepspeed
 
-        ds_config = deepspeed_config(config, info, accumulation, load_universal)
+        ds_config = deepspeed_config(config, shape, load_universal)
         deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the process group already started
         model = model.to(info.device)
         # ZeRO 1-3 skip a step with non-finite gradients themselves; ZeRO-0 steps the torch optimizer
@@ -87,12 +86,13 @@ class DeepSpeedBackend(Backend):
                            position_ids=batch.get("position_ids"))
 
     def micro_step(self, batch, loss_scale, last):
+        tokens = target_tokens(batch)
         batch = self._to_device(batch)
         loss = self.loss_sum(batch)
         # The loss is already normalised over the whole step, so DeepSpeed must not divide it again.
         self.engine.backward(loss * loss_scale, scale_wrt_gas=False)
         self.engine.step()
-        return loss.detach()
+        return loss.detach(), tokens
 
     def optimizer_step(self):
         norm = self.engine.get_global_grad_norm()
