@@ -204,3 +204,28 @@ def test_the_hint_to_resume_names_a_command_that_resumes() -> None:
     assert "--checkpoint.resume=auto" in hint and "would start over" in hint
     hint = rerun_hint(load_config(debug, {"checkpoint.resume": "RUN/checkpoints/step-00000004"}))
     assert "--checkpoint.resume=auto" in hint and "go back to RUN/checkpoints/step-00000004 again" in hint
+
+
+@pytest.mark.parametrize("given", ["RUN", "RUN/checkpoints", "RUN/checkpoints/latest", "RUN/checkpoints/step-00000008",
+                                   "RUN/checkpoints/step-00000008/model"])
+def test_a_run_folder_a_step_folder_or_latest_is_a_model_folder(template: Path, tmp_path: Path, given: str,
+                                                                 capsys: pytest.CaptureFixture,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """What a nanoGPT or litgpt user types: the run folder means its newest model (it used to be refused)."""
+    from tlm.checkpointing.lineage import resolve_model_dir
+
+    path = Path(given.replace("RUN", str(template)))
+    expected = template / "checkpoints" / "step-00000008" / "model"
+    caplog.set_level(logging.INFO, logger="tlm")
+    assert resolve_model_dir(path) == expected
+    if path != expected:
+        assert f"using {expected}" in caplog.text  # named in one line
+    status, out, err = cli(["generate", "--checkpoint", path, "--prompt-ids", "[[1, 2, 3]]", "--max-new-tokens", 2],
+                           capsys)
+    assert status == 0 and json.loads(out.splitlines()[-1])["new_tokens"], err
+
+
+def test_a_run_folder_without_a_checkpoint_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    refused(["eval", "--checkpoint", tmp_path / "run", "--data", tmp_path], capsys, "holds no complete checkpoint yet")
+    refused(["export", "--checkpoint", tmp_path, "--out", tmp_path / "hf"], capsys, "is not a model folder")

@@ -382,3 +382,41 @@ def find_resume(run_dir: Path, resume: str) -> Path | None:
     and so are corrupt ones; but when every checkpoint of the line is corrupt the run stops with an error rather
     than start afresh over hours of training."""
     return plan_start(run_dir, resume, overwrite=True).resume
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """The model folder that `path` means, wherever a model folder is asked for (`tlm generate`, `eval`, `export`):
+    a model folder (tlm's or a transformers one) as it is; a checkpoint's step folder, its model/; the `latest`
+    file, or a run folder (or its checkpoints/), the model of the checkpoint a plain rerun would resume (the first
+    sound one down `latest`'s line). Anything else is one line saying what was found there."""
+    from tlm.checkpointing.model_dir import CONFIG_NAME
+
+    given = Path(path)
+    if (given / CONFIG_NAME).is_file() or (given / "config.json").is_file():
+        return given
+    if given.name == "latest" and given.is_file():
+        given = given.parent.parent
+    if given.name == "checkpoints" and given.is_dir():
+        given = given.parent
+    if STEP_NAME.fullmatch(given.name) and given.is_dir():
+        problem = verify(given, hashes=False)
+        if problem:
+            raise CheckpointError(f"checkpoint '{given}' cannot be used: {problem}")
+        chosen = given
+    elif (given / "checkpoints").is_dir():
+        chosen = find_resume(given, "auto")
+        if chosen is None:
+            raise CheckpointError(f"run folder '{given}' holds no complete checkpoint yet; train it first "
+                                  "(tlm train ... --logging.run_dir=" f"{given}) or name a model folder")
+    elif not given.exists():
+        raise CheckpointError(f"checkpoint '{given}' does not exist")
+    else:
+        raise CheckpointError(f"'{given}' is not a model folder (no {CONFIG_NAME} or config.json), a checkpoint, or a "
+                              "run folder; give RUN, RUN/checkpoints/step-N or a model folder")
+    model = chosen / "model"
+    if not (model / CONFIG_NAME).is_file():
+        raise CheckpointError(f"checkpoint '{chosen}' holds no model folder (model/{CONFIG_NAME})")
+    if model != Path(path):
+        log.info("using %s (%s)", model, "the newest complete checkpoint of the run" if chosen != given else
+                 "the model of that checkpoint")
+    return model

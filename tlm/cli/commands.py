@@ -115,7 +115,8 @@ def generate(checkpoint: str, prompt: Any = None, max_new_tokens: int = 64, temp
     """Continue one or more prompts with a KV-cached decoder; print the texts, then the figures.
 
     Args:
-        checkpoint: a tlm model directory.
+        checkpoint: a model folder (RUN/checkpoints/step-N/model), a checkpoint (RUN/checkpoints/step-N), or a run
+            folder (RUN: the model of its newest complete checkpoint).
         prompt: the text to continue, or a JSON list of texts for a batch.
         max_new_tokens: most tokens generated per prompt (fewer when EOS comes first); prompt plus these must
             fit the model's context.
@@ -130,9 +131,10 @@ def generate(checkpoint: str, prompt: Any = None, max_new_tokens: int = 64, temp
         device: auto (CUDA when available), cpu, cuda, cuda:N.
         dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.
     """
+    from tlm.checkpointing.lineage import resolve_model_dir
     from tlm.inference import complete
 
-    result = complete(checkpoint, prompt, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, rope_scaling,
+    result = complete(resolve_model_dir(checkpoint), prompt, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, rope_scaling,
                       tokenizer, device, dtype)
     prompts = result.pop("prompts")
     if result["completions"] is not None:
@@ -331,8 +333,9 @@ def eval(checkpoint: str, data: Any, seq_len: int | None = None, split: str | No
     on the tokenizer: evaluate a tlm model and any other causal LM on the same raw text and compare it.
 
     Args:
-        checkpoint: a tlm model directory (e.g. RUN/checkpoints/step-N/model), or a transformers model folder
-            (e.g. from `tlm export`, or any causal LM saved locally), scored with its own tokenizer.
+        checkpoint: a tlm model folder (RUN/checkpoints/step-N/model), a checkpoint (RUN/checkpoints/step-N), a run
+            folder (RUN: its newest complete checkpoint), or a transformers model folder (e.g. from `tlm export`,
+            or any causal LM saved locally), scored with its own tokenizer.
         data: a prepared folder (its val split, else train), or raw text (files, folders, globs), tokenized with
             the checkpoint's tokenizer and packed into rows of seq_len + 1.
         seq_len: row length for raw text (default: the length the model was trained at, else 512; a prepared
@@ -345,6 +348,7 @@ def eval(checkpoint: str, data: Any, seq_len: int | None = None, split: str | No
     """
     import logging
 
+    from tlm.checkpointing.lineage import resolve_model_dir
     from tlm.inference import check_int, resolve_device
     from tlm.training.evaluate import evaluate_checkpoint
 
@@ -353,6 +357,7 @@ def eval(checkpoint: str, data: Any, seq_len: int | None = None, split: str | No
     check_int("--batch-size", batch_size, low=1)
     if max_batches is not None:
         check_int("--max-batches", max_batches, low=1)
+    checkpoint = resolve_model_dir(checkpoint)
     result = evaluate_checkpoint(checkpoint, data, seq_len=seq_len, split=split, batch_size=batch_size,
                                  max_batches=max_batches, device=resolve_device(device), text_field=text_field)
     bpb = f", {result['bits_per_byte']:.4f} bits/byte" if result["bits_per_byte"] is not None else ""
@@ -365,7 +370,8 @@ def export(checkpoint: str, out: str, dtype: str = "float32", overwrite: bool = 
     """Write a Hugging Face LlamaForCausalLM folder (config.json, safetensors, tokenizer files).
 
     Args:
-        checkpoint: a tlm model directory.
+        checkpoint: a model folder (RUN/checkpoints/step-N/model), a checkpoint (RUN/checkpoints/step-N), or a run
+            folder (RUN: the model of its newest complete checkpoint).
         out: the folder to write; AutoModelForCausalLM.from_pretrained(OUT) loads it. An earlier export there is
             replaced whole (built beside it, then swapped in).
         dtype: weight dtype in the export: float32, bfloat16 or float16.
@@ -374,7 +380,9 @@ def export(checkpoint: str, out: str, dtype: str = "float32", overwrite: bool = 
     import logging
 
     from tlm.checkpointing.export import export_hf
+    from tlm.checkpointing.lineage import resolve_model_dir
 
+    checkpoint = resolve_model_dir(checkpoint)
     path = export_hf(checkpoint, out, dtype=dtype, overwrite=overwrite)
     files = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
     logging.getLogger("tlm").info("exported %s -> %s (%s)", checkpoint, out, ", ".join(files))
