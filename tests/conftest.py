@@ -97,3 +97,14 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, data_tokenizer: Path, sha
     prepare(PrepareConfig(data=[str(shakespeare_jsonl)], tokenizer=str(data_tokenizer), out=str(out), seq_len=64,
                           val=0.05), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, prepared: Path) -> Path:
+    """The debug recipe trained to its end through the CLI: 8 steps, checkpoints at 4 and 8 (keep_last 2). Tests
+    copy it before changing anything."""
+    from hostile import call_main, train_args
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    assert call_main(train_args(prepared, run_dir)) == 0
+    return run_dir

@@ -152,3 +152,23 @@ def test_every_preset_counts_as_transformers_llama_counts(preset: str, count: in
         theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf))
     unique = {id(p): p.numel() for p in theirs.parameters()}  # tied embeddings counted once
     assert ours == sum(unique.values()) == count
+
+
+def test_eval_of_an_export_equals_its_source_with_default_arguments(trained_run: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """The export records the length its model was trained at (it used to default to 512 against the source's 64:
+    5.5324 against 5.4660)."""
+    pytest.importorskip("transformers")
+    from data_pipeline import TINYSHAKESPEARE
+    from hostile import cli
+
+    model = trained_run / "checkpoints" / "step-00000008" / "model"
+    assert cli(["export", "--checkpoint", model, "--out", tmp_path / "hf"], capsys)[0] == 0
+    results = []
+    for checkpoint in (model, tmp_path / "hf"):
+        status, out, err = cli(["eval", "--checkpoint", checkpoint, "--data", TINYSHAKESPEARE, "--max_batches", 2], capsys)
+        assert status == 0, err
+        results.append(json.loads(out.splitlines()[-1]))
+    ours, theirs = results
+    assert theirs["tokens"] == ours["tokens"] == 2 * 8 * 64  # default batch 8, the trained length 64
+    assert theirs["loss"] == pytest.approx(ours["loss"], abs=1e-4)

@@ -22,13 +22,8 @@ from tlm.training.session import rerun_hint
 
 
 @pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory, prepared: Path) -> Path:
-    """The debug recipe trained to its end: 8 steps, checkpoints at 4 and 8 (keep_last 2)."""
-    from hostile import call_main
-
-    run_dir = tmp_path_factory.mktemp("lineage") / "run"
-    assert call_main(train_args(prepared, run_dir)) == 0
-    return run_dir
+def template(trained_run: Path) -> Path:
+    return trained_run
 
 
 @pytest.fixture()

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from tlm.checkpointing.model_dir import CONFIG_NAME, read_model_config, read_weights
+from tlm.checkpointing.model_dir import CONFIG_NAME, read_model_config, read_model_meta, read_weights
 from tlm.model.config import ModelConfig
 from tlm_base import faults
 from tlm_base.errors import ExportError
@@ -116,7 +116,11 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, dtype: 
             copy_tokenizer_files(Path(checkpoint), tmp)
         if generation:
             atomic_write_json(tmp / "generation_config.json", generation)
-        atomic_write_json(tmp / "config.json", hf_config(config, dtype))
+        values = hf_config(config, dtype)
+        trained = read_model_meta(checkpoint).get("trained_seq_len")
+        if trained is not None:  # transformers keeps unknown keys; `tlm eval` of the export defaults to it, as of its source
+            values["tlm_trained_seq_len"] = trained
+        atomic_write_json(tmp / "config.json", values)
     return out
 
 

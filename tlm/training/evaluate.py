@@ -174,8 +174,9 @@ def _load_model(checkpoint: str, device: torch.device) -> tuple[Any, int, int | 
         eos = special_token_ids(checkpoint)["eos_token_id"]
         eot = load_tokenizer(checkpoint).id_to_token(eos) if eos is not None else None
     vocab = model.config.vocab_size
+    trained = getattr(model.config, "tlm_trained_seq_len", None)  # a tlm export says the length it was trained at
     length = getattr(model.config, "max_position_embeddings", None)
-    return TransformersRunner(model), vocab, min(512, length) if length else None, eot
+    return TransformersRunner(model), vocab, trained or (min(512, length) if length else None), eot
 
 
 def evaluate_checkpoint(checkpoint: str, data: Any, seq_len: int | None = None, split: str | None = None,
