@@ -20,7 +20,9 @@ for entry in plan:
     config = load_config(entry.get("config"), entry["overrides"])
     summary = train(config)
     results[entry["name"]] = {"losses": [h["loss"] for h in summary["history"] if "loss" in h],
-                              "world_size": summary["world_size"], "steps": summary["steps"]}
+                              "world_size": summary["world_size"], "steps": summary["steps"],
+                              "validation": [{k: h[k] for k in ("step", "val_loss", "val_tokens")}
+                                             for h in summary["history"] if "val_loss" in h]}
 if int(os.environ.get("RANK", "0")) == 0:
     with open(sys.argv[2], "w") as f:
         json.dump(results, f)

@@ -28,7 +28,7 @@ def base(prepared: Path, run_dir: Path, **extra) -> dict:
     return {
         "model.preset": "debug", "data.prepared": str(prepared), "data.seq_len": 64,
         "batch.micro_batch_size": 4, "batch.global_batch_size": 8, "train.max_steps": 6, "train.precision": "fp32",
-        "eval.every": 0, "eval.max_batches": 2, "checkpoint.every": 0, "logging.log_every": 1,
+        "eval.every": 0, "eval.max_batches": 3, "eval.at_start": True, "checkpoint.every": 0, "logging.log_every": 1,
         "logging.progress": False, "logging.sample_prompt": None, "logging.run_dir": str(run_dir), **extra,
     }
 
@@ -79,7 +79,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory, data_tokenizer: Path, shakesp
                                                        **{"train.precision": "bf16"})},
             {"name": f"{name}-from-2", "overrides": base(prepared, work / "2p" / f"{name}-to1", **single)},
         ]
-    return {"two": results, "one": launch(one, work, 1)}
+    three = [{"name": "ddp-fp32", "overrides": base(prepared, work / "3p" / "ddp-fp32", **BACKENDS["ddp"],
+                                                    **{"train.max_steps": 1, "batch.global_batch_size": 12})}]
+    return {"two": results, "one": launch(one, work, 1), "three": launch(three, work, 3)}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -92,6 +94,19 @@ def test_one_and_two_processes_agree(runs: dict, backend: str) -> None:
     one, two = runs["one"][f"{backend}-bf16"], runs["two"][f"{backend}-bf16"]
     for a, b in zip(one["losses"], two["losses"]):
         assert abs(a - b) < 1e-3, (one["losses"], two["losses"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_validation_is_the_same_on_any_number_of_ranks(runs: dict, backend: str) -> None:
+    """eval.max_batches counts batches in all, each batch goes to one rank and the figures are summed in batch
+    order: the same tokens and the same loss, bit for bit in fp32 (it used to count batches per rank: one process
+    evaluated 512 tokens, two 1,024)."""
+    first = [runs[world][f"{backend}-fp32"]["validation"][0] for world in ("one", "two")]
+    if backend == "ddp":
+        first.append(runs["three"]["ddp-fp32"]["validation"][0])
+    assert all(v["step"] == 0 for v in first)
+    assert first[0]["val_tokens"] == 3 * 4 * 64  # max_batches x the micro-batch x seq_len
+    assert all(v == first[0] for v in first[1:]), first
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -26,7 +26,7 @@ from tlm.model.transformer import TransformerLM
 def evaluate(backend: Any, rows: TokenRows, batch_size: int, max_batches: int | None, info: DistInfo,
              progress: bool = False, token_bytes: np.ndarray | None = None, documents: str = "none") -> dict[str, float]:
     """Validation loss, perplexity and (given each token id's UTF-8 byte count, `token_bytes`) bits per byte over
-    (up to max_batches x batch_size x world) rows of a split.
+    the first (up to max_batches x batch_size) rows of a split, whatever the number of ranks.
 
     Bits per byte = the summed loss of the evaluated tokens / (ln 2 x the UTF-8 bytes of the text they decode
     to): the loss of every token, end-of-text predictions included (a boundary is information the bytes do not
@@ -35,12 +35,15 @@ def evaluate(backend: Any, rows: TokenRows, batch_size: int, max_batches: int | 
     a weightless one), because ZeRO-3 and FSDP2 gather parameters collectively inside forward.
     """
     world, rank = info.world_size, info.rank
-    total = len(rows) if max_batches is None else min(len(rows), max_batches * batch_size * world)
-    mine = np.arange(rank, total, world, dtype=np.int64)
-    steps = math.ceil(math.ceil(total / world) / batch_size)
-    # loss sum, tokens; and over full batches their mean losses' sum, sum of squares and count (for the SE)
-    # and the text's bytes
-    sums = torch.zeros(6, dtype=torch.float64, device=info.device)
+    total = len(rows) if max_batches is None else min(len(rows), max_batches * batch_size)
+    batches = math.ceil(total / batch_size)
+    # Whole batches go to the ranks in turn, so that a batch holds the same rows on any number of ranks, and their
+    # figures are summed in batch order: the same tokens and the same loss, bit for bit, on 1, 2 or 3 ranks.
+    per_batch = torch.zeros(batches, 3, dtype=torch.float64, device=info.device)  # loss sum, tokens, bytes
+    steps = math.ceil(batches / world)  # every rank runs as many forwards (a weightless one when it has none left)
+    # ZeRO-3 gathers parameters inside forward, once per loss chunk: there every forward holds batch_size rows (a
+    # short or weightless batch padded with masked rows), so that every rank makes the same collectives
+    even = getattr(backend, "gathers_in_forward", False)
     backend.train_mode(False)
     bar = None
     if progress:
@@ -50,37 +53,47 @@ def evaluate(backend: Any, rows: TokenRows, batch_size: int, max_batches: int | 
     for i in range(steps):
         if bar is not None:
             bar.update(1)
-        indices = mine[i * batch_size : (i + 1) * batch_size]
-        weight = 1.0 if len(indices) else 0.0
-        batch = make_batch(rows, indices if len(indices) else np.zeros(1, dtype=np.int64), documents=documents)
+        index = i * world + rank
+        indices = np.arange(index * batch_size, min((index + 1) * batch_size, total), dtype=np.int64)
+        padding = (batch_size if even else 1 if not len(indices) else 0) - len(indices)
+        batch = make_batch(rows, np.concatenate([indices, np.zeros(max(padding, 0), dtype=np.int64)]),
+                           documents=documents)
+        if padding > 0 and even:  # the padded rows count for nothing
+            real = torch.arange(len(batch["labels"]))[:, None] < len(indices)
+            batch["loss_mask"] = batch.get("loss_mask", torch.ones_like(batch["labels"], dtype=torch.bool)) & real
+        counted = 0.0
         if token_bytes is not None:
-            counted = token_bytes[batch["labels"].numpy()]
-            if "loss_mask" in batch:
-                counted = counted * batch["loss_mask"].numpy()
-            sums[5] += weight * float(counted.sum())
+            held = token_bytes[batch["labels"].numpy()]
+            counted = float((held * batch["loss_mask"].numpy() if "loss_mask" in batch else held).sum())
         batch = {k: v.to(info.device) for k, v in batch.items()}
         mask = batch.get("loss_mask")
-        loss_sum = weight * backend.loss_sum(batch).double()
-        tokens = weight * (mask.sum() if mask is not None else batch["labels"].numel())
-        sums[0] += loss_sum
-        sums[1] += tokens
-        if len(indices) == batch_size:
-            batch_mean = loss_sum / tokens
-            sums[2:5] += torch.stack([batch_mean, batch_mean**2, torch.ones_like(batch_mean)])
+        loss_sum = backend.loss_sum(batch).double()
+        if len(indices):
+            tokens = mask.sum().double() if mask is not None else torch.tensor(float(batch["labels"].numel()),
+                                                                               dtype=torch.float64, device=info.device)
+            per_batch[index, 0], per_batch[index, 1], per_batch[index, 2] = loss_sum, tokens, counted
     if bar is not None:
         bar.close()
     backend.train_mode(True)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(sums)
-    loss = (sums[0] / sums[1]).item()
-    result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(sums[1].item())}
-    if sums[5].item() > 0:
-        result["val_bpb"] = sums[0].item() / (math.log(2) * sums[5].item())
-        result["val_bytes"] = int(sums[5].item())
-    n = sums[4].item()
-    if n >= 2:  # the standard error of the mean over batches (batches of neighbouring rows: a lower bound)
-        variance = max(0.0, (sums[3].item() - sums[2].item() ** 2 / n) / (n - 1))
-        result["val_loss_se"] = math.sqrt(variance / n)
+        dist.all_reduce(per_batch)  # each batch's row comes from one rank: the sum of zeros and it is exact
+    loss_total = tokens_total = bytes_total = 0.0
+    means, squares, full = 0.0, 0.0, 0
+    for index, (loss_sum, tokens, counted) in enumerate(per_batch.tolist()):  # one host read, in batch order
+        loss_total += loss_sum
+        tokens_total += tokens
+        bytes_total += counted
+        if min((index + 1) * batch_size, total) - index * batch_size == batch_size:
+            mean = loss_sum / tokens
+            means, squares, full = means + mean, squares + mean**2, full + 1
+    loss = loss_total / tokens_total
+    result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(tokens_total)}
+    if bytes_total > 0:
+        result["val_bpb"] = loss_total / (math.log(2) * bytes_total)
+        result["val_bytes"] = int(bytes_total)
+    if full >= 2:  # the standard error of the mean over batches (batches of neighbouring rows: a lower bound)
+        variance = max(0.0, (squares - means**2 / full) / (full - 1))
+        result["val_loss_se"] = math.sqrt(variance / full)
     return result
 
 

@@ -143,9 +143,10 @@ class EvalSection:
     at_start: bool = on_purpose(False)
     """Also validate the initial weights (step 0), as a baseline for the curve."""
     max_batches: int | None = on_purpose(50)
-    """Batches per validation pass (None = the whole split)."""
+    """Batches per validation pass, in all (None = the whole split): the first max_batches x batch_size rows of the
+    split, whatever the number of ranks (each batch goes to one rank), so that the figures do not depend on it."""
     batch_size: int | None = on_purpose(None)
-    """Sequences per rank per validation batch (None = micro_batch_size)."""
+    """Sequences per validation batch (None = micro_batch_size)."""
     final_full: bool = on_purpose(False)
     """Evaluate the whole validation split after the last step (max_batches then applies to the evaluations
     during training only): the final loss of a study, with its standard error across batches."""

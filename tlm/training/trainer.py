@@ -248,8 +248,9 @@ class Trainer:
                                       token_bytes=self.data.token_bytes, documents=documents)
         self.record({"step": self.step, **self.last_eval, "tokens_seen": self.progress.tokens_seen})
         bpb = f", {self.last_eval['val_bpb']:.4f} bits/byte" if "val_bpb" in self.last_eval else ""
+        whole = " (the whole split: eval.final_full)" if max_batches is None and self.config.eval.max_batches else ""
         self.logger.say(f"step {self.step}: val loss {self.last_eval['val_loss']:.4f}, perplexity "
-                        f"{self.last_eval['val_ppl']:.2f}{bpb} over {self.last_eval['val_tokens']:,} tokens")
+                        f"{self.last_eval['val_ppl']:.2f}{bpb} over {self.last_eval['val_tokens']:,} tokens{whole}")
 
     def checkpoint(self) -> Path:
         path = self.checkpointer.save(self.step)

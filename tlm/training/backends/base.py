@@ -18,6 +18,9 @@ class Backend:
     """The interface the training loop uses."""
 
     name = "base"
+    gathers_in_forward = False
+    """Whether forward gathers sharded parameters with collectives (ZeRO-3, FSDP2): then every rank must run
+    forwards of the same shapes in the same order (evaluation pads its batches so)."""
 
     def __init__(self, model: TransformerLM, config: TrainConfig, info: DistInfo) -> None:
         self.config = config

@@ -14,6 +14,7 @@ class FSDP2Backend(Backend):
     """torch's fully_shard on every decoder layer and the root; DCP checkpoints (re-shardable)."""
 
     name = "fsdp2"
+    gathers_in_forward = True
 
     def __init__(self, model, config, info) -> None:
         super().__init__(model, config, info)

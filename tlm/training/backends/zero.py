@@ -76,6 +76,7 @@ class DeepSpeedBackend(Backend):
         if config.train.compile:
             self.engine.compile()
         self.stage = config.train.zero_stage
+        self.gathers_in_forward = self.stage == 3
 
     def train_mode(self, training):
         self.engine.train(training)
