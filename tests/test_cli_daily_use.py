@@ -201,3 +201,29 @@ def test_benchmarks_alternate_their_contenders() -> None:
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warmup, then A B, B A, A B
     assert len(result["a"]["times"]) == 3 and result["a"]["fastest"] <= result["a"]["median"]
     assert set(result["load_average"]) == {"before", "after"}
+
+
+def test_the_run_folder_holds_the_printed_figures_and_the_time(tmp_path: Path, prepared: Path,
+                                                                capsys: pytest.CaptureFixture,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """summary.json is the JSON printed last (launchers print around stdout's last line), says how the run stopped
+    (null after --train.stop_at used to look like an end), counts the run's time over its sessions; every
+    metrics.jsonl line has a wall-clock time; a log without a terminal says how far along the run is."""
+    import logging
+
+    run = tmp_path / "run"
+    caplog.set_level(logging.INFO, logger="tlm")
+    status, out, err = cli(train_args(prepared, run, **{"train.stop_at": 4}), capsys)
+    assert status == 0, err
+    printed, saved = json.loads(out.splitlines()[-1]), json.loads((run / "summary.json").read_text())
+    assert printed == saved and saved["stopped"] == "stop_at" and len(saved["losses"]) == 4
+    assert "step 4/8: loss" in caplog.text and "50.0%" in caplog.text and "elapsed, ETA" in caplog.text
+    first = saved["wall_seconds"]
+    status, out, err = cli(train_args(prepared, run), capsys)
+    assert status == 0, err
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["stopped"] is None and saved["complete"] and saved["wall_seconds"] > first > 0
+    assert saved["session_seconds"] < saved["wall_seconds"]
+    records = read_metrics(run / "metrics.jsonl")
+    assert all(isinstance(r["time"], float) for r in records)
+    assert [r["time"] for r in records] == sorted(r["time"] for r in records)

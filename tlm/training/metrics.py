@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,8 @@ class MetricsFile:
         self.file = LineAppender(path)
 
     def write(self, record: dict[str, Any]) -> None:
-        self.file.write_json(record)
+        """One line: the record and the wall-clock `time` it was written (UNIX seconds), whatever else it holds."""
+        self.file.write_json({**record, "time": round(time.time(), 3)})
 
     def close(self) -> None:
         self.file.close()

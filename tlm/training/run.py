@@ -48,13 +48,12 @@ def run_training(config_path: str | list[str] | None, overrides: dict[str, Any],
     # turn this clean exit into a crash.
     for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
-    history = summary.pop("history")
+    summary.pop("history")  # every logged record: for in-process callers, not for the printed figures
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if rank0:
         if summary.get("sample"):
             print(summary["sample"])
-        summary["losses"] = [h["loss"] for h in history if "loss" in h]
-        print(json.dumps(summary), flush=True)
+        print(json.dumps(summary), flush=True)  # the same figures as RUN/summary.json
     shutdown()
     if summary["stopped"] == INTERRUPTED:
         if rank0:

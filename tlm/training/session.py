@@ -3,7 +3,8 @@ that does), the sample printed at its end, and the counters its checkpoints carr
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +46,37 @@ def rerun_hint(config: TrainConfig, at_stop_at: bool = False) -> str:
 
 @dataclass
 class Progress:
-    """The trainer's own counters: saved at the top level of trainer.json and restored from it."""
+    """The trainer's own counters: saved at the top level of trainer.json and restored from it. `wall_seconds` is
+    the run's time over all its sessions (this one counted from `started`)."""
 
     step: int = 0
     tokens_seen: int = 0
     skipped_steps: int = 0
+    wall_seconds: float = 0.0
+    started: float = field(default_factory=time.perf_counter, repr=False)
+
+    def elapsed(self) -> float:
+        """Seconds the run has taken so far: earlier sessions' and this one's."""
+        return self.wall_seconds + time.perf_counter() - self.started
 
     def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+                "wall_seconds": round(self.elapsed(), 3)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens_seen = state["step"], state.get("tokens_seen", 0)
         self.skipped_steps = state.get("skipped_steps", 0)
+        self.wall_seconds = state.get("wall_seconds", 0.0)  # an older checkpoint did not count it
+
+
+def eta_line(step: int, total: int, first_step: int, session_seconds: float, elapsed: float) -> str:
+    """`12.5%, 3m10s elapsed, ETA 22m05s` for a log without a terminal (the rate: this session's steps)."""
+    done = step - first_step
+    eta = f", ETA {clock(session_seconds / done * (total - step))}" if done > 0 and step < total else ""
+    return f"{100 * step / total:.1f}%, {clock(elapsed)} elapsed{eta}"
+
+
+def clock(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

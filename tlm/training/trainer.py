@@ -42,9 +42,11 @@ from tlm.training.metrics import RunLogger
 from tlm.training.optim import lr_at
 from tlm.training.plan import check_memory
 from tlm.training.preemption import INTERRUPTED, StopRequest
-from tlm.training.session import Progress, rerun_hint, sample_text
+from tlm.training.session import Progress, eta_line, rerun_hint, sample_text
 
 log = logging.getLogger("tlm")
+HEARTBEAT_S = 60.0
+STOP_AT = "stop_at"  # how a run that reached --train.stop_at says it stopped (summary.json's "stopped")
 
 
 class Trainer:
@@ -153,7 +155,7 @@ class Trainer:
         self.stream = TokenStream(self.data.rows, self.shape.micro_batch_size, info.rank, info.world_size, seed=config.train.seed,
                                   prefetch=config.data.prefetch, pin_memory=info.device.type == "cuda",
                                   documents=config.train.document_masking)
-        self.progress = Progress()
+        self.progress = Progress(started=self.started)
         self.checkpointer = Checkpointer(self.run_dir, info.rank, info.world_size, self.backend,
                                          {"": self.progress, "stream": self.stream}, self._describe, self._write_model,
                                          config.checkpoint.keep_last, barrier, self._save_hook,
@@ -191,7 +193,7 @@ class Trainer:
             log.warning("launched by deepspeed, but train.backend is %s: no ZeRO; --train.backend=deepspeed for it",
                         config.train.backend)
         if info.is_main:
-            backend = config.train.backend if info.world_size == 1 or config.train.backend != "single" else "ddp"
+            backend = self.backend_name
             log.info("training %s: %s parameters, %d steps of %d sequences x %d tokens (%d ranks x micro %d x "
                      "accumulation %d), backend %s%s, %s", config.name, f"{self.model.num_parameters():,}",
                      self.total_steps, self.shape.global_batch_size, self.shape.seq_len, info.world_size,
@@ -200,8 +202,15 @@ class Trainer:
                      config.train.precision)
         self.logger.start_progress(self.total_steps, self.step)
         self.trained_tokens, self.trained_seconds = 0, 0.0  # this session's, for the average rate
+        self.first_step, self.last_line = self.step, time.perf_counter()
 
     # --- what a checkpoint holds ----------------------------------------------------------------------
+
+    @property
+    def backend_name(self) -> str:
+        """The backend as it runs: `single` on several ranks is DDP."""
+        backend = self.config.train.backend
+        return "ddp" if backend == "single" and self.info.world_size > 1 else backend
 
     @property
     def step(self) -> int:
@@ -336,8 +345,18 @@ class Trainer:
         self.trained_seconds += seconds
         self.logger.update(steps, loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
         if self.info.is_main and not self.logger.interactive:
-            log.info("step %d/%d: loss %.4f, lr %.2e, %s tokens/s", self.step, self.total_steps, values["loss"], lr,
-                     f"{tokens_per_s:,.0f}")
+            log.info("step %d/%d: loss %.4f, lr %.2e, %s tokens/s (%s)", self.step, self.total_steps, values["loss"], lr,
+                     f"{tokens_per_s:,.0f}", self._eta())
+            self.last_line = time.perf_counter()
+
+    def _eta(self) -> str:
+        return eta_line(self.step, self.total_steps, self.first_step, self.trained_seconds, self.progress.elapsed())
+
+    def _heartbeat(self) -> None:
+        """Without a terminal, a line at least every HEARTBEAT_S seconds, however far apart the log steps are."""
+        if self.info.is_main and not self.logger.interactive and time.perf_counter() - self.last_line >= HEARTBEAT_S:
+            log.info("step %d/%d (%s)", self.step, self.total_steps, self._eta())
+            self.last_line = time.perf_counter()
 
     # --- the run ------------------------------------------------------------------------------------
 
@@ -384,6 +403,7 @@ class Trainer:
                 window_loss.zero_()
                 window_tokens = 0
                 window_start, window_steps = time.perf_counter(), 0
+            self._heartbeat()
             if config.eval.every and self.step % config.eval.every == 0 and self.step < self.total_steps:
                 self.run_eval()
             if config.checkpoint.every and self.step % config.checkpoint.every == 0 and self.step < self.total_steps:
@@ -393,9 +413,11 @@ class Trainer:
                 if self.info.is_main and stopped != INTERRUPTED:  # Ctrl-C gets one line from the CLI, at the end
                     log.warning("stopping at step %d (%s); %s", self.step, stopped, rerun_hint(config))
                 return stopped
-        if self.step < self.total_steps and self.info.is_main:
-            log.warning("stopped at --train.stop_at=%d (step %d of %d); %s", stop_at, self.step, self.total_steps,
-                        rerun_hint(config, at_stop_at=True))
+        if self.step < self.total_steps:
+            if self.info.is_main:
+                log.warning("stopped at --train.stop_at=%d (step %d of %d); %s", stop_at, self.step, self.total_steps,
+                            rerun_hint(config, at_stop_at=True))
+            return STOP_AT
         return None
 
     def _summary(self, final_path: Path, stopped: str | None) -> dict[str, Any]:
@@ -404,13 +426,15 @@ class Trainer:
             "run_dir": str(self.run_dir), "steps": self.step, "total_steps": self.total_steps,
             "complete": self.step == self.total_steps, "tokens_seen": self.progress.tokens_seen, "world_size": info.world_size,
             "skipped_steps": self.progress.skipped_steps,
-            "stopped": stopped, "backend": self.config.train.backend, "checkpoint": str(final_path),
+            "stopped": stopped, "backend": self.backend_name, "checkpoint": str(final_path),
             "model": str(final_path / "model"), "num_parameters": self.model.num_parameters(),
             "flops_per_token": self.flops, "config_changes": self.change_log, **self.last_eval,
-            "wall_seconds": round(time.perf_counter() - self.started, 1), "threads": torch.get_num_threads(),
+            "wall_seconds": round(self.progress.elapsed(), 1), "session_seconds": round(time.perf_counter() - self.started, 1),
+            "threads": torch.get_num_threads(),
             "cpu_seconds": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1),
         }
         logged = [h for h in self.logger.history if "loss" in h]
+        summary["losses"] = [h["loss"] for h in logged]  # this session's logged windows
         if logged:
             summary["final_loss"] = logged[-1]["loss"]
             # the run's average over this session's training steps (evaluation and checkpoints excluded); the last
