@@ -120,6 +120,13 @@ def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = Tru
             raise
 
 
+def no_val_hint(config: PrepareConfig, sources: list[Source]) -> str:
+    """Why a validation split got no rows, and the way out that applies to these sources."""
+    if config.sample_by == "document" and any(s.kind == "text" for s in sources):
+        return " (each text file is one document with --sample_by document: try --sample_by paragraph, or --val_data)"
+    return " (too few documents were held out to fill one row: hold out more with --val, or give --val_data)"
+
+
 @contextlib.contextmanager
 def _stop_on_signals():
     """SIGTERM and SIGHUP raise PrepareStopped (a KeyboardInterrupt: one `tlm: interrupted` line, and the
@@ -351,8 +358,7 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool, 
     if (config.val or config.val_data) and writers["val"].state.rows == 0 and config.num_workers == 1:
         log.warning("%s: validation was asked for (%s) but got no rows: %d documents held out%s; training on it will log "
                     "no validation loss", out, f"--val {config.val}" if config.val else "--val_data",
-                    writers["val"].documents_fed, " (each text file is one document with --sample_by document: try "
-                    "--sample_by paragraph, or --val_data)" if config.sample_by == "document" else "")
+                    writers["val"].documents_fed, no_val_hint(config, sources))
     atomic_write_json(partial / MANIFEST, manifest)  # whole: the dataset exists from here (in OUT.partial) ...
     swap_in(partial, out)  # ... and is OUT from here, in one step; an old dataset there goes only now
     if reader.skips.total():

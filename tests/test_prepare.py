@@ -390,3 +390,16 @@ def test_a_streamed_dataset_reads_like_its_files_and_stops_at_max_tokens(tmp_pat
                      progress=False)
     assert capped["splits"]["train"]["rows"] == 20
     assert capped["sources"][0]["documents"] < len(texts) // 20  # the stream was left unread after the cap
+
+
+def test_the_hint_for_an_empty_validation_split_fits_the_sources(tmp_path: Path) -> None:
+    """--sample_by concerns text files only: the hint used to name it for JSONL input too."""
+    from data_pipeline.prepare import no_val_hint
+    from data_pipeline.sources import resolve_sources
+
+    (tmp_path / "a.txt").write_text("text\n")
+    (tmp_path / "a.jsonl").write_text('{"text": "text"}\n')
+    settings = PrepareConfig(data=["x"], tokenizer="t", out="o", val=0.01)
+    assert "--sample_by paragraph" in no_val_hint(settings, resolve_sources(str(tmp_path / "a.txt")))
+    jsonl = no_val_hint(settings, resolve_sources(str(tmp_path / "a.jsonl")))
+    assert "--sample_by" not in jsonl and "--val" in jsonl
