@@ -42,7 +42,7 @@ def main(data: str = str(DEMO_TRAIN), repeats: tuple[int, ...] = (1, 10), tokeni
     for n in repeats:
         figures, seconds, peak = run_measured([
             "prepare", "--data", json.dumps([data] * n), "--tokenizer", tokenizer, "--out", str(work / f"x{n}"),
-            "--seq-len", str(seq_len), "--overwrite",
+            "--seq_len", str(seq_len), "--overwrite",
         ])
         manifest = json.loads((work / f"x{n}" / "manifest.json").read_text())
         tokens = sum(v["tokens"] for v in manifest["splits"].values())

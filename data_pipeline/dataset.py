@@ -67,7 +67,7 @@ def check_compatible(manifest: dict[str, Any], vocab_size: int, seq_len: int, to
                         f"({tokenizer_sha256[:12]}...); prepare it again with the model's tokenizer")
     if manifest["seq_len"] != seq_len:
         raise DataError(f"{where}: prepared for seq_len {manifest['seq_len']}, the run uses {seq_len}; "
-                        f"prepare it again with --seq-len {seq_len}")
+                        f"prepare it again with --seq_len {seq_len}")
 
 
 def check_token_range(rows: "TokenRows", vocab_size: int) -> None:

@@ -1,6 +1,6 @@
 """Documents out of every format: JSON Lines, JSON, CSV, Parquet, text (by document, paragraph or line), saved
 and hub datasets; every line and document bounded (--max_line_mb, --max_document_mb), every bad record named by
-file and line, or counted and skipped under --on-error skip."""
+file and line, or counted and skipped under --on_error skip."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _text_of(record: Any, text_field: str, where: str) -> str:
         raise DataError(f"{where}: expected a JSON object with a '{text_field}' field, got {type(record).__name__}")
     if text_field not in record:
         fields = ", ".join(list(record)[:10]) or "none"
-        raise DataError(f"{where}: no field '{text_field}' (fields: {fields}); choose one with --text-field")
+        raise DataError(f"{where}: no field '{text_field}' (fields: {fields}); choose one with --text_field")
     value = record[text_field]
     if not isinstance(value, str):
         raise DataError(f"{where}: field '{text_field}' is {type(value).__name__}, not a string")
@@ -110,7 +110,7 @@ class DocumentReader:
         return {"source": self._reading, "bytes": size, "sha256": digest}
 
     def finish(self) -> None:
-        """Check the source whose reading stopped early (a consumer that stopped, e.g. at --max-tokens) against
+        """Check the source whose reading stopped early (a consumer that stopped, e.g. at --max_tokens) against
         its sha256: the rest of its file is hashed without being read as text."""
         if self._reading is not None:
             self._check_source(self._reading, self._tap)
@@ -290,7 +290,7 @@ class DocumentReader:
         names = parquet.schema_arrow.names
         if self.text_field not in names:
             raise DataError(f"{source.path}: no column '{self.text_field}' (columns: {', '.join(names)}); "
-                            "choose one with --text-field")
+                            "choose one with --text_field")
         row = 0
         for batch in parquet.iter_batches(columns=[self.text_field], batch_size=1024):
             for value in batch.column(0).to_pylist():
@@ -315,7 +315,7 @@ class DocumentReader:
                 return
             if self.text_field not in reader.fieldnames:
                 raise DataError(f"{source.path}: no column '{self.text_field}' (columns: "
-                                f"{', '.join(reader.fieldnames)}); choose one with --text-field")
+                                f"{', '.join(reader.fieldnames)}); choose one with --text_field")
             for record in reader:
                 value = record.get(self.text_field)
                 if value is None:
@@ -403,7 +403,7 @@ class DocumentReader:
                     data = data[self.hf_split]
             else:
                 # Streamed: records arrive as they are read, so tokenizing starts at once and a capped run
-                # (--max-tokens) never downloads the rest.
+                # (--max_tokens) never downloads the rest.
                 data = datasets.load_dataset(source.path, self.hf_config, split=self.hf_split, streaming=True)
         except DataError:
             raise
@@ -414,7 +414,7 @@ class DocumentReader:
         columns = data.column_names or []
         if columns and self.text_field not in columns:
             raise DataError(f"dataset '{source.path}': no column '{self.text_field}' (columns: {', '.join(columns)}); "
-                            "choose one with --text-field")
+                            "choose one with --text_field")
         for i, record in enumerate(data):
             try:
                 yield i, _text_of(record, self.text_field, f"dataset '{source.path}': row {i}"), True

@@ -91,7 +91,7 @@ class MixedRows:
                 if a != b:
                     raise DataError(f"data.mix: '{part.path}' has another {what} than '{parts[0].path}' "
                                     f"({str(b)[:16]} vs {str(a)[:16]}); prepare every part with the same tokenizer, "
-                                    "--seq-len and packing")
+                                    "--seq_len and packing")
         self.manifest = first.manifest
         self.row_length, self.seq_len, self.pack = first.row_length, first.seq_len, first.pack
         self.pad_token_id = first.pad_token_id

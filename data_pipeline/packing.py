@@ -26,7 +26,7 @@ class SplitState:
     resume_piece: int = 0
     resume_offset: int = 0
     skip_rest_of_document: bool = False
-    # --max-tokens: the reading position (piece number over all splits) at which the train split filled up;
+    # --max_tokens: the reading position (piece number over all splits) at which the train split filled up;
     # nothing after it is written to any split, also after a resume
     stop_after: int | None = None
 
@@ -64,7 +64,7 @@ class SplitWriter:
         return ordinal, ordinal >= self.state.resume_piece
 
     def add(self, ordinal: int, ids: np.ndarray, final: bool, position: int = 0) -> None:
-        self.position = position  # the reading position, recorded as stop_after when --max-tokens is reached
+        self.position = position  # the reading position, recorded as stop_after when --max_tokens is reached
         if self.pack:
             self._add_packed(ordinal, ids, final)
         else:
@@ -121,7 +121,7 @@ class SplitWriter:
 
     @property
     def full(self) -> bool:
-        """The split holds the rows --max-tokens asks for."""
+        """The split holds the rows --max_tokens asks for."""
         return self.max_rows is not None and self.state.rows >= self.max_rows
 
     def _emit(self, rows: np.ndarray, lengths: np.ndarray | None = None) -> None:

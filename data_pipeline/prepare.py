@@ -81,7 +81,7 @@ def prepare(config: PrepareConfig, overwrite: bool = False, progress: bool = Tru
     committed shard. SIGTERM and SIGHUP stop it as Ctrl-C does (PrepareStopped); rerunning resumes.
     """
     if num_proc is not None and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1):
-        raise DataError(f"--num-proc must be a positive number of processes, got {num_proc!r}")
+        raise DataError(f"--num_proc must be a positive number of processes, got {num_proc!r}")
     root = Path(config.out)
     out = worker_dir(root, config.worker_index, config.num_workers) if config.num_workers > 1 else root
     for folder in (out, partial_dir(out)):  # a file in its place or above it, a name too long (with .partial), /proc
@@ -245,7 +245,7 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool, 
         def done(ids: list[np.ndarray]) -> None:  # called in reading order, whatever the number of processes
             for (writer, ordinal, doc, position), piece_ids in zip(items, ids):
                 stop = writers["train"].state.stop_after
-                if stop is not None and position > stop:  # --max-tokens reached: nothing after it, in any split
+                if stop is not None and position > stop:  # --max_tokens reached: nothing after it, in any split
                     break
                 writer.add(ordinal, piece_ids, doc.final, position)
                 if capped:  # counted as written, so that read-ahead never counts
@@ -259,7 +259,7 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool, 
     kept = 0  # documents of this worker's share
     position = -1  # piece number in reading order
     capped = config.max_tokens is not None
-    source_documents = [0] * len(sources)  # with --max-tokens: documents up to the stop, per source
+    source_documents = [0] * len(sources)  # with --max_tokens: documents up to the stop, per source
 
     def count(writer: SplitWriter, doc: Document) -> None:
         writer.documents_fed += doc.final  # every document, also those a resume skips and those cut by the tail
@@ -292,7 +292,7 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool, 
             batch_chars += len(doc.text)
             if batch_chars >= config.tokenize_batch_chars or len(batch) >= 4096:
                 flush()
-        reader.finish()  # reading stopped early (--max-tokens): the rest of that file is hashed all the same
+        reader.finish()  # reading stopped early (--max_tokens): the rest of that file is hashed all the same
         flush()
         encoder.drain()
         for writer in writers.values():
@@ -314,7 +314,7 @@ def _prepare(config: PrepareConfig, out: Path, overwrite: bool, progress: bool, 
         problem = f"no documents in {config.data}" + (f" (skipped: {skipped})" if skipped else "")
     elif writers["train"].state.rows == 0 and config.num_workers == 1:
         problem = (f"no training rows: {writers['train'].dropped_tokens} tokens left for training, fewer than one "
-                   f"row of {config.seq_len + 1}; use more data, a shorter --seq-len, or --val 0")
+                   f"row of {config.seq_len + 1}; use more data, a shorter --seq_len, or --val 0")
     if problem:  # leave no half-dataset behind that a rerun would try to resume
         shutil.rmtree(partial, ignore_errors=True)
         raise DataError(problem)

@@ -20,7 +20,7 @@ log = logging.getLogger("tlm.prepare")
 OPTIONAL_SETTINGS = ("eot_token", "hf_config", "max_tokens")
 
 
-# The size bounds change the output only where they skip (--on-error skip): part of the fingerprint there alone,
+# The size bounds change the output only where they skip (--on_error skip): part of the fingerprint there alone,
 # and only when not the default (datasets prepared before the bounds existed keep their fingerprint).
 BOUNDS = {"max_line_mb": MAX_LINE_MB, "max_document_mb": MAX_DOCUMENT_MB}
 
@@ -77,14 +77,14 @@ class PrepareConfig:
         if isinstance(self.val, float) and self.val >= 1:
             raise DataError(f"--val {self.val}: a fraction must be below 1 (give an int for a number of documents)")
         if self.val_data and self.val:
-            raise DataError("give either --val (held out from --data) or --val-data (a separate source), not both")
+            raise DataError("give either --val (held out from --data) or --val_data (a separate source), not both")
         if not 0 <= self.worker_index < self.num_workers:
-            raise DataError(f"--worker-index must be in [0, {self.num_workers}), got {self.worker_index}")
+            raise DataError(f"--worker_index must be in [0, {self.num_workers}), got {self.worker_index}")
         if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
                                             or self.max_tokens < 1):
-            raise DataError(f"--max-tokens must be a positive number of tokens, got {self.max_tokens!r}")
+            raise DataError(f"--max_tokens must be a positive number of tokens, got {self.max_tokens!r}")
         if self.num_workers > 1 and isinstance(self.val, int) and self.val:
-            raise DataError("--val N (a count of documents) needs one worker; give a fraction or --val-data")
+            raise DataError("--val N (a count of documents) needs one worker; give a fraction or --val_data")
 
 
 def describe_inputs(config: PrepareConfig, sources: list[Source], tok_sha: str,

@@ -41,7 +41,7 @@ def assign_sources(sources: list[Source], workers: int, index: int) -> tuple[lis
 
 
 def merge_workers(out_dir: str | Path) -> dict[str, Any]:
-    """Combine the manifests of `prepare --num-workers N` runs into OUT/manifest.json (one merge at a time)."""
+    """Combine the manifests of `prepare --num_workers N` runs into OUT/manifest.json (one merge at a time)."""
     from tlm_base.locks import FolderLock
 
     root = Path(out_dir)

@@ -31,7 +31,7 @@ timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/te
 echo "pytest exit: ${PIPESTATUS[0]}"
 
 echo "== 2. training speed matrix: tlm-26m, 32 x 512, bf16"
-timeout "${BENCH_TIMEOUT:-300}" python3 -m tlm bench --matrix --preset tlm-26m --batch 32 --seq-len 512 \
+timeout "${BENCH_TIMEOUT:-300}" python3 -m tlm bench --matrix --preset tlm-26m --batch 32 --seq_len 512 \
     --steps "${BENCH_STEPS:-20}" --warmup 5 --out "$OUT/bench.json" | tail -n 1 >/dev/null
 echo "bench exit: ${PIPESTATUS[0]}"
 

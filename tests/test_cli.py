@@ -60,7 +60,7 @@ def test_init_generate_export_end_to_end(tmp_path: Path, tokenizer_dir: Path) ->
     assert init["num_parameters"] == 508_224 + 6400 * 64
     assert init["config"]["eos_token_id"] == 0 and init["config"]["bos_token_id"] == 1
 
-    result = run("generate", "--checkpoint", str(model_dir), "--prompt", "The king walked", "--max-new-tokens", "12")
+    result = run("generate", "--checkpoint", str(model_dir), "--prompt", "The king walked", "--max_new_tokens", "12")
     figures = last_json(result)
     assert figures["new_tokens"] == len(figures["new_token_ids"][0]) <= 12
     assert figures["completions"][0] in result.stdout  # the text is printed above the JSON line
@@ -70,7 +70,7 @@ def test_init_generate_export_end_to_end(tmp_path: Path, tokenizer_dir: Path) ->
     assert len(batch["completions"]) == 2
 
     long = last_json(run("generate", "--checkpoint", str(model_dir), "--prompt", "The king", "--max_new_tokens", "4",
-                         "--rope-scaling", "yarn:4:64"))
+                         "--rope_scaling", "yarn:4:64"))
     assert long["rope_scaling"]["factor"] == 4.0
 
     exported = last_json(run("export", "--checkpoint", str(model_dir), "--out", str(tmp_path / "hf")))

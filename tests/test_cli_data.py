@@ -19,11 +19,11 @@ def run_here(args: list[str], capsys: pytest.CaptureFixture) -> dict:
 
 
 def test_tokenizer_then_prepare_through_the_installed_command(tmp_path: Path) -> None:
-    tok = last_json(run("tokenizer", "--data", str(TINYSHAKESPEARE), "--out", str(tmp_path / "tok"), "--vocab-size", "800"))
+    tok = last_json(run("tokenizer", "--data", str(TINYSHAKESPEARE), "--out", str(tmp_path / "tok"), "--vocab_size", "800"))
     assert tok["vocab_size"] == 800 and tok["special_tokens"][0] == "<|endoftext|>"
     figures = last_json(run("prepare", "--data", str(TINYSHAKESPEARE), "--tokenizer", str(tmp_path / "tok"),
-                            "--out", str(tmp_path / "data"), "--seq-len", "128", "--val-data", str(DEMO_VAL),
-                            "--shard-mb", "0.1"))
+                            "--out", str(tmp_path / "data"), "--seq_len", "128", "--val_data", str(DEMO_VAL),
+                            "--shard_mb", "0.1"))
     assert figures["splits"]["train"]["rows"] > 2000 and figures["splits"]["val"]["rows"] > 1000
     assert figures["tokens_per_s"] > 0 and not figures["reused"]
     assert len(TokenRows(tmp_path / "data")) == figures["splits"]["train"]["rows"]
@@ -31,13 +31,13 @@ def test_tokenizer_then_prepare_through_the_installed_command(tmp_path: Path) ->
 
 def test_prepare_options(tmp_path: Path, data_tokenizer: Path, shakespeare_jsonl: Path, capsys: pytest.CaptureFixture) -> None:
     args = ["prepare", "--data", str(shakespeare_jsonl), "--tokenizer", str(data_tokenizer), "--out", str(tmp_path / "np"),
-            "--seq-len", "48", "--nopack", "--val", "50"]
+            "--seq_len", "48", "--nopack", "--val", "50"]
     figures = run_here(args, capsys)
     assert figures["mode"] == "nopack" and figures["splits"]["val"]["documents"] == 50
     assert run_here(args, capsys)["reused"]
     for w in range(2):
         run_here(["prepare", "--data", str(shakespeare_jsonl), "--tokenizer", str(data_tokenizer),
-                  "--out", str(tmp_path / "w"), "--seq-len", "48", "--num-workers", "2", "--worker-index", str(w)], capsys)
+                  "--out", str(tmp_path / "w"), "--seq_len", "48", "--num_workers", "2", "--worker_index", str(w)], capsys)
     merged = run_here(["prepare", "--merge", "--out", str(tmp_path / "w")], capsys)
     assert merged["splits"]["train"]["rows"] > 1000
 

@@ -29,7 +29,7 @@ def launch(command: list[str], cwd: Path) -> None:
 def prepared(tmp_path_factory: pytest.TempPathFactory, data_tokenizer: Path, shakespeare_jsonl: Path) -> Path:
     out = tmp_path_factory.mktemp("e2e") / "data"
     run("prepare", "--data", str(shakespeare_jsonl), "--tokenizer", str(data_tokenizer), "--out", str(out),
-        "--seq-len", "64", "--val", "0.05")
+        "--seq_len", "64", "--val", "0.05")
     return out
 
 
@@ -49,16 +49,16 @@ def test_deepspeed_launcher_then_eval_generate_export(tmp_path: Path, prepared: 
     model = Path(summary["model"])
 
     # tlm eval on the same 8 validation rows the trainer's last evaluation used (2 batches of 4, whatever the ranks)
-    figures = last_json(run("eval", "--checkpoint", str(model), "--data", str(prepared), "--batch-size", "8",
-                            "--max-batches", "1"))
+    figures = last_json(run("eval", "--checkpoint", str(model), "--data", str(prepared), "--batch_size", "8",
+                            "--max_batches", "1"))
     assert figures["split"] == "val" and figures["tokens"] == summary["val_tokens"] == 8 * 64
     assert figures["loss"] == pytest.approx(summary["val_loss"], abs=1e-4)
     assert figures["perplexity"] == pytest.approx(torch.tensor(figures["loss"]).exp().item(), rel=1e-6)
-    raw = last_json(run("eval", "--checkpoint", str(model), "--data", str(TINYSHAKESPEARE), "--seq-len", "64",
-                        "--max-batches", "3"))
+    raw = last_json(run("eval", "--checkpoint", str(model), "--data", str(TINYSHAKESPEARE), "--seq_len", "64",
+                        "--max_batches", "3"))
     assert raw["tokens"] == 3 * 8 * 64 and 0 < raw["loss"] < 9.3  # ln(6400) = 8.76 before training
 
-    generated = last_json(run("generate", "--checkpoint", str(model), "--prompt", "JULIET:", "--max-new-tokens", "8"))
+    generated = last_json(run("generate", "--checkpoint", str(model), "--prompt", "JULIET:", "--max_new_tokens", "8"))
     assert len(generated["new_token_ids"][0]) <= 8
     run("export", "--checkpoint", str(model), "--out", str(tmp_path / "hf"))
     transformers = pytest.importorskip("transformers")

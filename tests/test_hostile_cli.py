@@ -29,12 +29,12 @@ def gen(model: Path, *extra: str) -> list[str]:
 @pytest.mark.parametrize("extra, message", [
     (["--temperature", "-1"], "--temperature must be >= 0, got -1"),
     (["--temperature", "nan"], "--temperature must be a finite number"),
-    (["--top_p", "0"], "--top-p must be in (0, 1], got 0"),
-    (["--top_p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
-    (["--top_k", "-3"], "--top-k must be at least 0, got -3"),
-    (["--max_new_tokens", "1e8"], "--max-new-tokens must be a whole number, got 100000000.0"),
-    (["--max_new_tokens", "-5"], "--max-new-tokens must be at least 1, got -5"),
-    (["--max_new_tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+    (["--top_p", "0"], "--top_p must be in (0, 1], got 0"),
+    (["--top_p", "1.5"], "--top_p must be in (0, 1], got 1.5"),
+    (["--top_k", "-3"], "--top_k must be at least 0, got -3"),
+    (["--max_new_tokens", "1e8"], "--max_new_tokens must be a whole number, got 100000000.0"),
+    (["--max_new_tokens", "-5"], "--max_new_tokens must be at least 1, got -5"),
+    (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1, got 0"),
     (["--max_new_tokens", "100000000"], "= 100000003 exceeds the model's context of 2048 (max_position_embeddings)"),
     (["--seed", "-1"], "--seed must be at least 0"),
 ])
@@ -48,7 +48,7 @@ def test_past_the_trained_length_a_warning_names_yarn(trained: Path, capsys: pyt
     with caplog.at_level("WARNING"):
         status, out, err = cli(gen(trained, "--max_new_tokens", "100"), capsys)
     assert status == 0, err
-    assert "past the 64 this model was trained at" in caplog.text and "--rope-scaling yarn:2:64" in caplog.text
+    assert "past the 64 this model was trained at" in caplog.text and "--rope_scaling yarn:2:64" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
         status, out, err = cli(gen(trained, "--max_new_tokens", "100", "--rope_scaling", "yarn:2:64"), capsys)
@@ -71,9 +71,9 @@ def test_a_switch_given_a_value_is_refused(tmp_path: Path, capsys: pytest.Captur
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--batch_size", "0"], "--batch-size must be at least 1, got 0"),
-    (["--max_batches", "0"], "--max-batches must be at least 1, got 0"),
-    (["--seq_len", "2.5"], "--seq-len must be a whole number"),
+    (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+    (["--max_batches", "0"], "--max_batches must be at least 1, got 0"),
+    (["--seq_len", "2.5"], "--seq_len must be a whole number"),
 ])
 def test_eval_values_out_of_range(trained: Path, prepared: Path, extra: list[str], message: str,
                                   capsys: pytest.CaptureFixture) -> None:

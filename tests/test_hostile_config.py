@@ -212,13 +212,13 @@ def model(tmp_path_factory: pytest.TempPathFactory, data_tokenizer: Path) -> Pat
 
 @pytest.mark.parametrize("extra, message", [
     (["--prompt", "[]"], "--prompt is an empty list"),
-    (["--prompt_ids", "abc"], "--prompt-ids must be a list of token ids, e.g. '[1, 2, 3]', or a list of such lists "
+    (["--prompt_ids", "abc"], "--prompt_ids must be a list of token ids, e.g. '[1, 2, 3]', or a list of such lists "
                               "for a batch, got 'abc'"),
-    (["--prompt_ids", "[]"], "--prompt-ids is an empty list"),
-    (["--prompt_ids", "[[True]]"], "--prompt-ids: prompt 0 holds True, not a token id (a whole number)"),
-    (["--prompt_ids", "[[true]]"], "--prompt-ids: prompt 0 holds 'true', not a token id"),
-    (["--prompt_ids", "[[1.5]]"], "--prompt-ids: prompt 0 holds 1.5, not a token id"),
-    (["--prompt_ids", "[[1], [2, [3]]]"], "--prompt-ids: prompt 1 holds [3], not a token id"),
+    (["--prompt_ids", "[]"], "--prompt_ids is an empty list"),
+    (["--prompt_ids", "[[True]]"], "--prompt_ids: prompt 0 holds True, not a token id (a whole number)"),
+    (["--prompt_ids", "[[true]]"], "--prompt_ids: prompt 0 holds 'true', not a token id"),
+    (["--prompt_ids", "[[1.5]]"], "--prompt_ids: prompt 0 holds 1.5, not a token id"),
+    (["--prompt_ids", "[[1], [2, [3]]]"], "--prompt_ids: prompt 1 holds [3], not a token id"),
     (["--prompt_ids", "[1]", "--seed", str(2**77)], f"--seed must be below 2**64, got {2**77}"),
 ])
 def test_generate_refuses_prompts_that_are_not_prompts(model: Path, extra: list[str], message: str,
@@ -257,7 +257,7 @@ def test_eval_refuses_rows_past_the_context(tmp_path: Path, model: Path, prepare
                                             capsys: pytest.CaptureFixture) -> None:
     text = recipe(tmp_path, "It was a dark and stormy night. " * 50, "text.txt")
     refused(["eval", "--checkpoint", model, "--data", text, "--seq_len", "4096"], capsys,
-            "--seq-len 4096 exceeds the model's context of 2048 (max_position_embeddings of", "--seq-len 2048 or less")
+            "--seq_len 4096 exceeds the model's context of 2048 (max_position_embeddings of", "--seq_len 2048 or less")
     short = tmp_path / "short"
     assert call_main(["init", "--out", short, "--preset", "debug", "--tokenizer", data_tokenizer,
                       "--max_position_embeddings=32"]) == 0

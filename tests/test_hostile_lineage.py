@@ -215,7 +215,7 @@ def test_a_run_folder_a_step_folder_or_latest_is_a_model_folder(template: Path, 
     assert resolve_model_dir(path) == expected
     if path != expected:
         assert f"using {expected}" in caplog.text  # named in one line
-    status, out, err = cli(["generate", "--checkpoint", path, "--prompt-ids", "[[1, 2, 3]]", "--max-new-tokens", 2],
+    status, out, err = cli(["generate", "--checkpoint", path, "--prompt_ids", "[[1, 2, 3]]", "--max_new_tokens", 2],
                            capsys)
     assert status == 0 and json.loads(out.splitlines()[-1])["new_tokens"], err
 

@@ -290,7 +290,7 @@ def test_every_process_count_writes_the_same_bytes(tmp_path: Path, data_tokenize
 
 def test_num_proc_is_checked_before_any_work(tmp_path: Path, data_tokenizer: Path, shakespeare_jsonl: Path) -> None:
     for bad in (0, -2, 1.5, True):
-        with pytest.raises(DataError, match="--num-proc must be a positive number"):
+        with pytest.raises(DataError, match="--num_proc must be a positive number"):
             prepare(config(shakespeare_jsonl, data_tokenizer, tmp_path / "o"), progress=False, num_proc=bad)
     assert not (tmp_path / "o").exists()
 
@@ -367,7 +367,7 @@ def test_max_tokens_keeps_the_first_rows_whatever_the_processes_or_a_crash(
     resumed = prepare(config(shakespeare_jsonl, data_tokenizer, tmp_path / "crashed", max_tokens=cap, **cfg),
                       progress=False, num_proc=1)
     assert shard_bytes(tmp_path / "crashed") == outs[0][0] and resumed["splits"] == splits
-    with pytest.raises(DataError, match="--max-tokens must be a positive number"):
+    with pytest.raises(DataError, match="--max_tokens must be a positive number"):
         config(shakespeare_jsonl, data_tokenizer, tmp_path / "bad", max_tokens=0)
 
 

@@ -43,8 +43,8 @@ def test_compiled_model_keeps_the_losses(tmp_path: Path, prepared: Path) -> None
 def test_bench_prints_its_figures(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "tlm", "bench", "--preset", "debug", "--batch", "2", "--seq-len", "32",
-                             "--steps", "2", "--warmup", "1", "--loss-chunk", "16", "--out", str(out)],
+    result = subprocess.run([sys.executable, "-m", "tlm", "bench", "--preset", "debug", "--batch", "2", "--seq_len", "32",
+                             "--steps", "2", "--warmup", "1", "--loss_chunk", "16", "--out", str(out)],
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])

@@ -65,9 +65,9 @@ def check_context(config: ModelConfig, trained: int | None, prompt_tokens: int, 
     the length it was trained at, naming YaRN, which stretches RoPE to longer contexts."""
     total = prompt_tokens + max_new_tokens
     if total > config.max_position_embeddings:
-        raise ConfigError(f"prompt ({prompt_tokens} tokens) + --max-new-tokens ({max_new_tokens}) = {total} exceeds the "
+        raise ConfigError(f"prompt ({prompt_tokens} tokens) + --max_new_tokens ({max_new_tokens}) = {total} exceeds the "
                           f"model's context of {config.max_position_embeddings} (max_position_embeddings); lower "
-                          "--max-new-tokens")
+                          "--max_new_tokens")
     scaling = config.rope_scaling
     usable = int(scaling["factor"] * scaling["original_max_position_embeddings"]) if scaling else trained
     if usable and total > usable and config.position_embedding == "rope":
@@ -76,7 +76,7 @@ def check_context(config: ModelConfig, trained: int | None, prompt_tokens: int, 
                         total, usable)
         else:
             log.warning("generating up to %d positions, past the %d this model was trained at: expect worse text; "
-                        "YaRN can stretch RoPE: --rope-scaling yarn:%d:%d", total, usable,
+                        "YaRN can stretch RoPE: --rope_scaling yarn:%d:%d", total, usable,
                         max(2, -(-total // usable)), usable)
 
 
@@ -90,19 +90,19 @@ def _shown(value: Any) -> str:
 
 
 def parse_prompt_ids(value: Any) -> list[list[int]]:
-    """--prompt-ids: a list of token ids ([1, 2, 3]), a list of such lists for a batch, or one id; every id a whole
+    """--prompt_ids: a list of token ids ([1, 2, 3]), a list of such lists for a batch, or one id; every id a whole
     number (not a bool, and not 1.5, which would silently become 1)."""
     if isinstance(value, bool) or not isinstance(value, (list, tuple, int)):
-        raise ConfigError(f"--prompt-ids must be a list of token ids, e.g. '[1, 2, 3]', or a list of such lists for a "
+        raise ConfigError(f"--prompt_ids must be a list of token ids, e.g. '[1, 2, 3]', or a list of such lists for a "
                           f"batch, got {_shown(value)}")
     value = [value] if isinstance(value, int) else value
     if not value:
-        raise ConfigError("--prompt-ids is an empty list: give at least one token id, e.g. '[1, 2, 3]'")
+        raise ConfigError("--prompt_ids is an empty list: give at least one token id, e.g. '[1, 2, 3]'")
     rows = value if all(isinstance(v, (list, tuple)) for v in value) else [value]
     for i, row in enumerate(rows):
         for token in row:
             if isinstance(token, bool) or not isinstance(token, int):
-                raise ConfigError(f"--prompt-ids: prompt {i} holds {_shown(token)}, not a token id (a whole number)")
+                raise ConfigError(f"--prompt_ids: prompt {i} holds {_shown(token)}, not a token id (a whole number)")
     return [list(row) for row in rows]
 
 
@@ -137,10 +137,10 @@ def complete(checkpoint: str, prompt: Any = None, prompt_ids: Any = None, max_ne
     from tlm.model.config import parse_rope_scaling
     from tlm.model.generate import generate
 
-    check_int("--max-new-tokens", max_new_tokens, low=1)
+    check_int("--max_new_tokens", max_new_tokens, low=1)
     check_number("--temperature", temperature, low=0.0)
-    check_int("--top-k", top_k, low=0)
-    check_number("--top-p", top_p, low=0.0, high=1.0, low_open=True)
+    check_int("--top_k", top_k, low=0)
+    check_number("--top_p", top_p, low=0.0, high=1.0, low_open=True)
     check_int("--seed", seed, low=0, below=2**64)  # torch.Generator.manual_seed takes 64 bits
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)

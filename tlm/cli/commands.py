@@ -70,7 +70,7 @@ def plan(preset: str | None = None, config: str | list[str] | None = None, gpus:
     else:
         model = get_preset(preset or "tlm-26m")
     seq_len, micro_batch, loss_chunk = seq_len or 512, micro_batch or 8, loss_chunk or 0
-    for name, value in (("--seq-len", seq_len), ("--micro-batch", micro_batch)):
+    for name, value in (("--seq_len", seq_len), ("--micro_batch", micro_batch)):
         check_int(name, value, low=1)
     rows = plan_rows(model, gpus, capacity, micro_batch, seq_len, loss_chunk, margin)
     best = recommend(rows)
@@ -83,7 +83,7 @@ def plan(preset: str | None = None, config: str | list[str] | None = None, gpus:
         print(f"{row.name:44s} {row.parameters / g:7.2f} {row.gradients / g:7.2f} {row.optimizer_states / g:7.2f} "
               f"{row.activations / g:7.2f} {row.total / g:7.2f}  {'yes' if row.fits else 'no'}", file=sys.stderr)
     print(f"recommended: {row_line(best)}" if best else "nothing fits: more GPUs, a smaller micro-batch or "
-          "--loss-chunk", file=sys.stderr)
+          "--loss_chunk", file=sys.stderr)
     emit({"gpus": gpus, "gpu_bytes": capacity, "seq_len": seq_len, "micro_batch": micro_batch, "loss_chunk": loss_chunk,
           "rows": plan_table(rows), "recommended": best.name if best else None})
 
@@ -177,7 +177,7 @@ def tokenizer(out: str, data: Any = None, vocab_size: int = 6400, text_field: st
     from data_pipeline.tokenizer import train_and_save
     from tlm.inference import check_int
 
-    check_int("--vocab-size", vocab_size, low=259)
+    check_int("--vocab_size", vocab_size, low=259)
     emit(train_and_save(out, data, vocab_size, text_field, sample_by, on_error, max_chars, min_frequency, overwrite,
                         progress=sys.stderr.isatty()))
 
@@ -353,10 +353,10 @@ def eval(checkpoint: str, data: Any, seq_len: int | None = None, split: str | No
     from tlm.training.evaluate import evaluate_checkpoint
 
     if seq_len is not None:
-        check_int("--seq-len", seq_len, low=1)
-    check_int("--batch-size", batch_size, low=1)
+        check_int("--seq_len", seq_len, low=1)
+    check_int("--batch_size", batch_size, low=1)
     if max_batches is not None:
-        check_int("--max-batches", max_batches, low=1)
+        check_int("--max_batches", max_batches, low=1)
     checkpoint = resolve_model_dir(checkpoint)
     result = evaluate_checkpoint(checkpoint, data, seq_len=seq_len, split=split, batch_size=batch_size,
                                  max_batches=max_batches, device=resolve_device(device), text_field=text_field)

@@ -240,7 +240,7 @@ def validate_rope_scaling(rope_scaling: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_rope_scaling(value: Any) -> dict[str, Any] | None:
-    """Read a command-line `--rope-scaling`: none | a dict | JSON | 'yarn:FACTOR:ORIGINAL_CONTEXT'."""
+    """Read a command-line `--rope_scaling`: none | a dict | JSON | 'yarn:FACTOR:ORIGINAL_CONTEXT'."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
         return None
     if isinstance(value, dict):
@@ -251,16 +251,16 @@ def parse_rope_scaling(value: Any) -> dict[str, Any] | None:
             try:
                 return validate_rope_scaling(json.loads(text))
             except json.JSONDecodeError as e:
-                raise ConfigError(f"--rope-scaling is not valid JSON: {e}") from None
+                raise ConfigError(f"--rope_scaling is not valid JSON: {e}") from None
         parts = text.split(":")
         if parts[0] == "yarn" and len(parts) == 3:
             try:
                 factor, original = float(parts[1]), int(parts[2])
             except ValueError:
-                raise ConfigError(f"--rope-scaling '{value}': expected yarn:FACTOR:ORIGINAL_CONTEXT, e.g. yarn:4:512") from None
+                raise ConfigError(f"--rope_scaling '{value}': expected yarn:FACTOR:ORIGINAL_CONTEXT, e.g. yarn:4:512") from None
             return validate_rope_scaling({"factor": factor, "original_max_position_embeddings": original})
     raise ConfigError(
-        f"--rope-scaling {value!r}: use none, yarn:FACTOR:ORIGINAL_CONTEXT (e.g. yarn:4:512), or a JSON dict"
+        f"--rope_scaling {value!r}: use none, yarn:FACTOR:ORIGINAL_CONTEXT (e.g. yarn:4:512), or a JSON dict"
     )
 
 

@@ -214,7 +214,7 @@ def evaluate_checkpoint(checkpoint: str, data: Any, seq_len: int | None = None, 
             if context and manifest["seq_len"] > context:
                 raise ConfigError(f"{folder} holds rows of seq_len {manifest['seq_len']}, past the model's context of "
                                   f"{context} (max_position_embeddings of {checkpoint}); evaluate raw text with "
-                                  f"--seq-len {context} or less, or prepare it again with tlm prepare --seq-len {context}")
+                                  f"--seq_len {context} or less, or prepare it again with tlm prepare --seq_len {context}")
             split = split or ("val" if manifest["splits"]["val"]["rows"] else "train")
         else:
             if not model_tokenizer.is_file():
@@ -226,8 +226,8 @@ def evaluate_checkpoint(checkpoint: str, data: Any, seq_len: int | None = None, 
             # that record), not a fixed 512 that a model trained at 64 has never seen.
             seq_len = seq_len or min(trained_len or 512, context or 512)
             if context and seq_len > context:
-                raise ConfigError(f"--seq-len {seq_len} exceeds the model's context of {context} (max_position_embeddings "
-                                  f"of {checkpoint}); give --seq-len {context} or less")
+                raise ConfigError(f"--seq_len {seq_len} exceeds the model's context of {context} (max_position_embeddings "
+                                  f"of {checkpoint}); give --seq_len {context} or less")
             folder = Path(tmp) / "data"
             sources = [str(d) for d in data] if isinstance(data, (list, tuple)) else [str(data)]
             prepare(PrepareConfig(data=sources, tokenizer=str(checkpoint), out=str(folder), seq_len=seq_len, val=0.0,

@@ -11,9 +11,10 @@ so that ZeRO-2 and ZeRO-3 agree with `estimate_zero2_model_states_mem_needs` / `
 | DeepSpeed ZeRO-0 / 1 | 2P (bf16) | 2P (bf16) + 4P/N fp32 at ZeRO-1 (4P at 0) | 12P/N (fp32 master + m + v; N=1 at 0) |
 | DeepSpeed ZeRO-2 | 2P | 6P/N | 12P/N |
 | DeepSpeed ZeRO-3 | 2P/N + 4L (the largest layer gathered) | 4P/N | 12P/N |
-| FSDP2 (fp32 shards, bf16 compute) | 4P/N + 4B (a block gathered, the next prefetched) | 4P/N | 8P/N |
+| FSDP2 (fp32 shards, bf16 compute) | 4P/N + 4U (a unit gathered, the next prefetched) | 4P/N | 8P/N |
 
-(P parameters, N GPUs, L the largest layer's parameters, B a decoder block's.) Activations are what autograd
+(P parameters, N GPUs, L the largest layer's parameters, U the largest FSDP2 unit's: consecutive decoder blocks up to
+5e7 parameters, a larger block alone, the whole model for one within that; `fsdp2_units`.) Activations are what autograd
 keeps for the backward of one micro-batch, counted tensor by tensor for a pre-norm Llama block under bf16
 autocast with SDPA (no seq x seq matrix is kept): per token and layer 20h + 8kv + 8i bytes (h the hidden
 size, kv the key/value width, i the MLP width), plus the logits (10 bytes per token and vocabulary entry: bf16
@@ -41,8 +42,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("tlm")
 
 CHECKPOINTING = ("none", "selective", "full")
-# cheapest first: no sharding before sharding, no recomputation before recomputation
-SETTINGS = [("single", None), ("deepspeed", 0), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3), ("fsdp2", None)]
+# cheapest first: no sharding before sharding, no recomputation before recomputation; among the backends that shard
+# parameters, FSDP2 before ZeRO-3 (less host time per step: docs/performance.md, benchmarks/host_overhead.py)
+SETTINGS = [("single", None), ("deepspeed", 0), ("deepspeed", 1), ("deepspeed", 2), ("fsdp2", None), ("deepspeed", 3)]
+FSDP2_UNIT = 50_000_000
+"""The most parameters FSDP2 shards as one unit of consecutive decoder layers (DeepSpeed ZeRO-3's default prefetch
+bucket). Each unit costs host time in every step (its pre-forward, pre-backward and post-backward hooks), so a small
+model's layers share few units; a larger layer is a unit alone (llama-1b-shape's 61M: one unit per layer)."""
 
 
 @dataclass
@@ -78,6 +84,23 @@ def parameter_counts(config: ModelConfig) -> tuple[int, int, int]:
     return total, largest, block
 
 
+def fsdp2_units(layer_sizes: list[int], total: int, budget: int = FSDP2_UNIT) -> list[list[int]]:
+    """The decoder layers FSDP2 shards together, unit by unit (their indices), from their parameter counts: consecutive
+    layers up to `budget` parameters per unit; none (the root alone is the one unit) when all `total` fit in one."""
+    if total <= budget:
+        return []
+    units: list[list[int]] = []
+    size = 0
+    for i, n in enumerate(layer_sizes):
+        if units and size + n <= budget:
+            units[-1].append(i)
+            size += n
+        else:
+            units.append([i])
+            size = n
+    return units
+
+
 def model_state_bytes(config: ModelConfig, backend: str, zero_stage: int | None, gpus: int) -> tuple[int, int, int]:
     """(parameters, gradients, optimizer states) in bytes per GPU (the table in the module docstring)."""
     p, largest, block = parameter_counts(config)
@@ -85,7 +108,9 @@ def model_state_bytes(config: ModelConfig, backend: str, zero_stage: int | None,
     if backend in ("single", "ddp"):
         return 6 * p, 4 * p, 8 * p
     if backend == "fsdp2":
-        return 4 * p // n + 4 * block, 4 * p // n, 8 * p // n
+        units = fsdp2_units([block] * config.num_hidden_layers, p)
+        unit = max(len(u) for u in units) * block if units else p
+        return 4 * p // n + 4 * unit, 4 * p // n, 8 * p // n
     if zero_stage == 0:
         return 2 * p, 6 * p, 12 * p
     if zero_stage == 1:
@@ -159,7 +184,7 @@ def parse_bytes(text: str | int | float) -> int:
             break
     from tlm_base.errors import ConfigError
 
-    raise ConfigError(f"--gpu-mem {text!r}: give a size such as 80GiB, 141GB or 512MiB")
+    raise ConfigError(f"--gpu_mem {text!r}: give a size such as 80GiB, 141GB or 512MiB")
 
 
 def row_line(row: PlanRow) -> str:
