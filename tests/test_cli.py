@@ -60,7 +60,8 @@ def test_init_generate_export_end_to_end(tmp_path: Path, tokenizer_dir: Path) ->
     assert init["num_parameters"] == 508_224 + 6400 * 64
     assert init["config"]["eos_token_id"] == 0 and init["config"]["bos_token_id"] == 1
 
-    result = run("generate", "--checkpoint", str(model_dir), "--prompt", "The king walked", "--max_new_tokens", "12")
+    result = run("generate", "--checkpoint", str(model_dir), "--prompt", "The king walked", "--max_new_tokens", "12",
+                 "--temperature", "0")  # greedy: compared with transformers' greedy generate below
     figures = last_json(result)
     assert figures["new_tokens"] == len(figures["new_token_ids"][0]) <= 12
     assert figures["completions"][0] in result.stdout  # the text is printed above the JSON line
@@ -145,3 +146,14 @@ def test_generate_from_token_ids_without_tokenizer(models: Path, capsys: pytest.
     args = ["generate", "--checkpoint", str(models / "m"), "--prompt_ids", "[[1, 2, 3], [4]]", "--max_new_tokens", "5"]
     figures = run_here(args, capsys)
     assert figures["completions"] is None and [len(t) for t in figures["new_token_ids"]] == [5, 5]
+
+
+def test_generate_samples_by_default_and_separates_the_texts_of_a_batch(models: Path, tokenizer_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    """Greedy by default used to loop on a small model; several prompts printed without a separator."""
+    model_dir = tmp_path / "model"
+    run("init", "--out", str(model_dir), "--preset", "debug", "--tokenizer", str(tokenizer_dir), "--initializer_range=0.3")
+    result = run("generate", "--checkpoint", str(model_dir), "--prompt", '["The queen", "A ship"]', "--max_new_tokens", "6")
+    figures = last_json(result)
+    assert (figures["temperature"], figures["top_k"]) == (0.8, 50)
+    assert "----- 1/2 -----" in result.stdout and "----- 2/2 -----" in result.stdout

@@ -128,7 +128,7 @@ def parse_prompts(value: Any) -> list[str]:
 
 
 def complete(checkpoint: str, prompt: Any = None, prompt_ids: Any = None, max_new_tokens: int = 64,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, rope_scaling: Any = None,
+             temperature: float = 0.8, top_k: int = 50, top_p: float = 1.0, seed: int = 0, rope_scaling: Any = None,
              tokenizer: str | None = None, device: str = "auto", dtype: str = "auto") -> dict[str, Any]:
     """Continue the prompts (texts, or token ids) of a model directory; the figures `tlm generate` prints.
     Every value is checked before the model is loaded."""
@@ -181,4 +181,5 @@ def complete(checkpoint: str, prompt: Any = None, prompt_ids: Any = None, max_ne
     return {"prompts": [tok.decode(p) for p in batch] if tok is not None else None,
             "completions": [tok.decode(t) for t in new_tokens] if tok is not None else None,
             "new_token_ids": new_tokens, "new_tokens": count, "seconds": round(seconds, 4),
-            "tokens_per_s": round(count / max(seconds, 1e-9), 2), "rope_scaling": model.config.rope_scaling}
+            "tokens_per_s": round(count / max(seconds, 1e-9), 2), "rope_scaling": model.config.rope_scaling,
+            "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}

@@ -109,7 +109,7 @@ def init(out: str, preset: str = "tlm-26m", tokenizer: str | None = None, seed: 
     emit(init_model_dir(out, preset, tokenizer, seed, overwrite, overrides))
 
 
-def generate(checkpoint: str, prompt: Any = None, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+def generate(checkpoint: str, prompt: Any = None, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 50,
              top_p: float = 1.0, seed: int = 0, rope_scaling: Any = None, tokenizer: str | None = None,
              prompt_ids: Any = None, device: str = "auto", dtype: str = "auto") -> None:
     """Continue one or more prompts with a KV-cached decoder; print the texts, then the figures.
@@ -120,8 +120,9 @@ def generate(checkpoint: str, prompt: Any = None, max_new_tokens: int = 64, temp
         prompt: the text to continue, or a JSON list of texts for a batch.
         max_new_tokens: most tokens generated per prompt (fewer when EOS comes first); prompt plus these must
             fit the model's context.
-        temperature: 0 = greedy; otherwise the softmax temperature of sampling.
-        top_k: sample among the k most likely tokens only (0 = all).
+        temperature: the softmax temperature of sampling (default 0.8, as litgpt's); 0 = greedy, which repeats
+            itself on a small model ("and the other, and the other, ...").
+        top_k: sample among the k most likely tokens only (default 50; 0 = all).
         top_p: sample from the smallest set of tokens whose probability reaches p (1.0 = all).
         seed: seed of the sampler.
         rope_scaling: switch YaRN on at inference, e.g. yarn:4:512 (factor 4 over a model trained at 512
@@ -138,7 +139,9 @@ def generate(checkpoint: str, prompt: Any = None, max_new_tokens: int = 64, temp
                       tokenizer, device, dtype)
     prompts = result.pop("prompts")
     if result["completions"] is not None:
-        for text, completion in zip(prompts, result["completions"]):
+        for i, (text, completion) in enumerate(zip(prompts, result["completions"])):
+            if len(prompts) > 1:  # a line between the texts of a batch, which would otherwise run together
+                print(f"----- {i + 1}/{len(prompts)} -----")
             print(text + completion)
     emit(result)
 
