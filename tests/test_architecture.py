@@ -119,3 +119,14 @@ def test_every_config_field_says_what_a_resume_may_do_with_it() -> None:
         unsaid: int = 2
 
     assert [f.name for f in dataclasses.fields(Section) if RESUME not in f.metadata] == ["unsaid"]
+
+
+def test_every_config_key_is_in_the_training_docs() -> None:
+    """docs/training.md's table of sections names every key (it once left out eval.at_start and final_full)."""
+    from tlm.training.config import resume_kinds
+
+    text = (REPO / "docs" / "training.md").read_text()
+    rows = {line.split("|")[1].strip(" `"): line for line in text.splitlines() if line.startswith("| `")}
+    missing = [key for key in resume_kinds() if "." in key
+               and f"`{key.split('.')[1]}`" not in rows.get(key.split(".")[0], "")]
+    assert missing == []

@@ -227,3 +227,21 @@ def test_the_run_folder_holds_the_printed_figures_and_the_time(tmp_path: Path, p
     records = read_metrics(run / "metrics.jsonl")
     assert all(isinstance(r["time"], float) for r in records)
     assert [r["time"] for r in records] == sorted(r["time"] for r in records)
+
+
+def test_a_gpu_recipe_on_the_cpu_says_so_before_anything_is_loaded(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the recipe runs where it is meant to")
+    caplog.set_level(logging.INFO, logger="tlm")
+    refused(["train", "--config", REPO / "configs" / "tlm-26m.yaml", f"--data.prepared={tmp_path / 'none'}",
+             f"--logging.run_dir={tmp_path / 'run'}"], capsys, "none")
+    assert "this recipe is for a GPU: 23.6 TFLOP a step" in caplog.text and "configs/cpu-demo.yaml" in caplog.text
+    caplog.clear()
+    refused(["train", "--config", REPO / "configs" / "debug.yaml", f"--data.prepared={tmp_path / 'none'}",
+             f"--logging.run_dir={tmp_path / 'run'}"], capsys, "none")
+    assert "for a GPU" not in caplog.text

@@ -22,6 +22,13 @@ logits, their fp32 copy and its gradient; a chunk of them with the chunked loss)
 layer's fp32 input (4h) and recomputes one layer at a time; selective checkpointing checkpoints the even layers
 (about half the saving of full for half its recomputation). A margin (default 10%) covers the allocator's
 fragmentation and the communication buffers the formulas leave out.
+
+Which setting: the cheapest that fits, that is the least recomputation, then the least sharding, because sharding
+costs host time in every step (benchmarks/host_overhead.py, docs/performance.md: on the 26M model's layers at
+negligible width, per step against a bare PyTorch loop, single/DDP ~1.0x, ZeRO-0/1/2 1.1-1.3x, FSDP2 ~1.5x, ZeRO-3
+2.2x+). So by model size: single/DDP while the model states fit one GPU whole; ZeRO-1, then ZeRO-2, while the
+parameters do; FSDP2 (then ZeRO-3, which costs more host time for the same sharding) only when the parameters
+must be sharded too. `size_guide` gives the largest model each takes on a given GPU, and `tlm plan` prints it.
 """
 
 from __future__ import annotations
@@ -84,9 +91,11 @@ def parameter_counts(config: ModelConfig) -> tuple[int, int, int]:
     return total, largest, block
 
 
-def fsdp2_units(layer_sizes: list[int], total: int, budget: int = FSDP2_UNIT) -> list[list[int]]:
+def fsdp2_units(layer_sizes: list[int], total: int, budget: int | None = None) -> list[list[int]]:
     """The decoder layers FSDP2 shards together, unit by unit (their indices), from their parameter counts: consecutive
-    layers up to `budget` parameters per unit; none (the root alone is the one unit) when all `total` fit in one."""
+    layers up to `budget` (FSDP2_UNIT) parameters per unit; none (the root alone is the one unit) when all `total`
+    fit in one."""
+    budget = FSDP2_UNIT if budget is None else budget
     if total <= budget:
         return []
     units: list[list[int]] = []
@@ -160,6 +169,30 @@ def plan_rows(config: ModelConfig, gpus: int, gpu_bytes: int, micro_batch: int, 
     return rows
 
 
+# model-state bytes per parameter per GPU on N GPUs (the table above without the gathered layer or unit)
+BYTES_PER_PARAMETER = {"single/DDP": lambda n: 18, "DeepSpeed ZeRO-1": lambda n: 4 + 16 / n,
+                       "DeepSpeed ZeRO-2": lambda n: 2 + 18 / n, "FSDP2": lambda n: 16 / n,
+                       "DeepSpeed ZeRO-3": lambda n: 18 / n}
+
+
+def size_guide(gpus: int, gpu_bytes: int, margin: float = 0.1) -> dict[str, int]:
+    """The backend tlm recommends by model size: for each, in the order tlm prefers them, the most parameters whose
+    model states (activations not counted) fit `gpus` GPUs of `gpu_bytes`."""
+    return {name: int(gpu_bytes / (1 + margin) / per(gpus)) for name, per in BYTES_PER_PARAMETER.items()}
+
+
+def size_guide_line(gpus: int, gpu_bytes: int, margin: float = 0.1) -> str:
+    """`size_guide` in words: each setting with the models it takes beyond the ones before it (on one GPU: single)."""
+    reach, parts = 0, []
+    for name, count in size_guide(gpus, gpu_bytes, margin).items():
+        if count > reach and (gpus > 1 or name == "single/DDP"):  # on one GPU sharding saves nothing
+            parts.append(f"{name} up to {count / 1e9:.2f}B parameters")
+            reach = count
+    more = "" if gpus > 1 else "; sharding takes more GPUs"
+    return (f"by model size (model states only, activations come on top): {', then '.join(parts)}{more}; ZeRO-3 shards "
+            "as FSDP2 does for more host time per step (docs/performance.md)")
+
+
 def recommend(rows: list[PlanRow]) -> PlanRow | None:
     """The cheapest setting that fits: the least recomputation, then the least sharding."""
     return next((row for row in rows if row.fits), None)
@@ -187,9 +220,9 @@ def parse_bytes(text: str | int | float) -> int:
     raise ConfigError(f"--gpu_mem {text!r}: give a size such as 80GiB, 141GB or 512MiB")
 
 
-def row_line(row: PlanRow) -> str:
+def row_line(row: PlanRow, per: str = "GPU") -> str:
     g = 2**30
-    return (f"{row.name}: {row.total / g:.2f} GiB per GPU (parameters {row.parameters / g:.2f}, gradients "
+    return (f"{row.name}: {row.total / g:.2f} GiB per {per} (parameters {row.parameters / g:.2f}, gradients "
             f"{row.gradients / g:.2f}, optimizer states {row.optimizer_states / g:.2f}, activations "
             f"{row.activations / g:.2f}, +margin)")
 
@@ -206,7 +239,7 @@ def check_memory(model: ModelConfig, config: TrainConfig, shape: BatchShape, dev
     row = plan_row(model, config.train.backend, config.train.zero_stage, shape.world_size, shape.micro_batch_size,
                    shape.seq_len, config.train.loss_chunk, config.train.activation_checkpointing)
     if is_main:
-        log.info("memory plan: %s", row_line(row))
+        log.info("memory plan: %s", row_line(row, "GPU" if device.type == "cuda" else "process"))
     if device.type != "cuda":
         return
     import torch

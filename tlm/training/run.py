@@ -13,6 +13,7 @@ from typing import Any
 
 log = logging.getLogger("tlm")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CPU_STEP_FLOPS = 1e12  # a step of more than this on a CPU takes minutes (the 26M recipe: 24 TFLOP; the CPU demo: 0.05)
 MIN_OPEN_FILES = 64
 """The fewest open files `tlm train` starts with. Measured: the debug recipe on prepared data peaks at 7 in its
 process; preparing on first use at about 16 + 4 per tokenizing process (24 with 2, 48 with 8); gloo and NCCL
@@ -43,6 +44,7 @@ def run_training(config_path: str | list[str] | None, overrides: dict[str, Any],
     config = load_config(config_path, overrides, max_config_mb)
     check_open_files()
     check_run_folder(config.run_dir)
+    warn_gpu_recipe_on_cpu(config)
     summary = train(config)
     # The checkpoint is written: a late stop signal (srun forwards USR1 to every task, a second Ctrl-C) must not
     # turn this clean exit into a crash.
@@ -61,6 +63,22 @@ def run_training(config_path: str | list[str] | None, overrides: dict[str, Any],
                   f"{summary['checkpoint']}; {rerun_hint(config)}", file=sys.stderr, flush=True)
         return 130
     return 0
+
+
+def warn_gpu_recipe_on_cpu(config: Any) -> None:
+    """Say so, before anything is loaded, when a GPU-sized step is about to run on the CPU (rank 0)."""
+    import torch
+
+    from tlm.model.flops import flops_per_token
+
+    if os.environ.get("RANK", "0") != "0" or (torch.cuda.is_available() and config.train.device in ("auto", "cuda")):
+        return
+    shape = config.batch_shape(int(os.environ.get("WORLD_SIZE", "1")))
+    step_flops = flops_per_token(config.model, shape.seq_len) * shape.tokens_per_step / shape.world_size
+    if step_flops > CPU_STEP_FLOPS:
+        log.warning("this recipe is for a GPU: %.1f TFLOP a step (%d x %d tokens) on the CPU here, minutes a step; for "
+                    "a CPU demo use --config configs/cpu-demo.yaml (or a smaller model and batch)", step_flops / 1e12,
+                    shape.global_batch_size, shape.seq_len)
 
 
 def open_files_limit() -> str:

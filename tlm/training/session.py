@@ -1,8 +1,10 @@
-"""What a run says about itself beside its figures: how to resume it (every message that says so names a command
-that does), the sample printed at its end, and the counters its checkpoints carry (`Progress`)."""
+"""What a run says about itself: how to resume it (every message that says so names a command that does), how far
+along it is, the sample and the figures printed at its end (`run_summary`, also RUN/summary.json), and the
+counters its checkpoints carry (`Progress`)."""
 
 from __future__ import annotations
 
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 import torch
 
 from tlm.training.config import TrainConfig
+from tlm_base.fileio import atomic_write_json
 
 
 def sample_text(model_dir: Path, prompt: str, device: torch.device) -> str | None:
@@ -80,3 +83,37 @@ def clock(seconds: float) -> str:
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def run_summary(trainer: Any, final_path: Path, stopped: str | None) -> dict[str, Any]:
+    """The run's figures as printed last and kept in RUN/summary.json (rank 0 writes it), with this session's
+    logged history for in-process callers."""
+    info = trainer.info
+    summary: dict[str, Any] = {
+        "run_dir": str(trainer.run_dir), "steps": trainer.step, "total_steps": trainer.total_steps,
+        "complete": trainer.step == trainer.total_steps, "tokens_seen": trainer.progress.tokens_seen,
+        "world_size": info.world_size, "skipped_steps": trainer.progress.skipped_steps,
+        "stopped": stopped, "backend": trainer.backend_name, "checkpoint": str(final_path),
+        "model": str(final_path / "model"), "num_parameters": trainer.model.num_parameters(),
+        "flops_per_token": trainer.flops, "config_changes": trainer.change_log, **trainer.last_eval,
+        "wall_seconds": round(trainer.progress.elapsed(), 1),
+        "session_seconds": round(time.perf_counter() - trainer.started, 1), "threads": torch.get_num_threads(),
+        "cpu_seconds": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1),
+    }
+    logged = [h for h in trainer.logger.history if "loss" in h]
+    summary["losses"] = [h["loss"] for h in logged]  # this session's logged windows
+    if logged:
+        summary["final_loss"] = logged[-1]["loss"]
+        # the run's average over this session's training steps (evaluation and checkpoints excluded); the last
+        # window's rate separately, named so
+        summary["tokens_per_s"] = trainer.trained_tokens / max(trainer.trained_seconds, 1e-9)
+        summary["recent_tokens_per_s"] = logged[-1]["tokens_per_s"]
+        if trainer.peak is not None:
+            summary["mfu"] = trainer.flops * summary["tokens_per_s"] / info.world_size / trainer.peak
+    summary["peak_memory_mb"] = (torch.cuda.max_memory_allocated(info.device) / 2**20 if info.device.type == "cuda"
+                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if info.is_main and trainer.config.logging.sample_prompt:
+        summary["sample"] = sample_text(final_path / "model", trainer.config.logging.sample_prompt, info.device)
+    if info.is_main:
+        atomic_write_json(trainer.run_dir / "summary.json", summary)
+    return {**summary, "history": trainer.logger.history}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from tlm.training.metrics import RunLogger
 from tlm.training.optim import lr_at
 from tlm.training.plan import check_memory
 from tlm.training.preemption import INTERRUPTED, StopRequest
-from tlm.training.session import Progress, eta_line, rerun_hint, sample_text
+from tlm.training.session import Progress, eta_line, rerun_hint, run_summary
 
 log = logging.getLogger("tlm")
 HEARTBEAT_S = 60.0
@@ -194,9 +193,10 @@ class Trainer:
                         config.train.backend)
         if info.is_main:
             backend = self.backend_name
-            log.info("training %s: %s parameters, %d steps of %d sequences x %d tokens (%d ranks x micro %d x "
+            ranks = f"{info.world_size} rank{'s' if info.world_size > 1 else ''}"
+            log.info("training %s: %s parameters, %d steps of %d sequences x %d tokens (%s x micro %d x "
                      "accumulation %d), backend %s%s, %s", config.name, f"{self.model.num_parameters():,}",
-                     self.total_steps, self.shape.global_batch_size, self.shape.seq_len, info.world_size,
+                     self.total_steps, self.shape.global_batch_size, self.shape.seq_len, ranks,
                      self.shape.micro_batch_size, self.shape.accumulation_steps,
                      backend, f" ZeRO-{config.train.zero_stage}" if backend == "deepspeed" else "",
                      config.train.precision)
@@ -375,7 +375,7 @@ class Trainer:
                 if self.step == self.total_steps and not stopped:
                     self.run_eval(final=True)
                 final_path = self.checkpoint() if self.last_saved != self.step else checkpoint_dir(self.run_dir, self.step)
-            return self._summary(final_path, stopped)
+            return run_summary(self, final_path, stopped)
         finally:
             stop.uninstall()
             self.logger.close()
@@ -419,38 +419,6 @@ class Trainer:
                             rerun_hint(config, at_stop_at=True))
             return STOP_AT
         return None
-
-    def _summary(self, final_path: Path, stopped: str | None) -> dict[str, Any]:
-        info = self.info
-        summary: dict[str, Any] = {
-            "run_dir": str(self.run_dir), "steps": self.step, "total_steps": self.total_steps,
-            "complete": self.step == self.total_steps, "tokens_seen": self.progress.tokens_seen, "world_size": info.world_size,
-            "skipped_steps": self.progress.skipped_steps,
-            "stopped": stopped, "backend": self.backend_name, "checkpoint": str(final_path),
-            "model": str(final_path / "model"), "num_parameters": self.model.num_parameters(),
-            "flops_per_token": self.flops, "config_changes": self.change_log, **self.last_eval,
-            "wall_seconds": round(self.progress.elapsed(), 1), "session_seconds": round(time.perf_counter() - self.started, 1),
-            "threads": torch.get_num_threads(),
-            "cpu_seconds": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1),
-        }
-        logged = [h for h in self.logger.history if "loss" in h]
-        summary["losses"] = [h["loss"] for h in logged]  # this session's logged windows
-        if logged:
-            summary["final_loss"] = logged[-1]["loss"]
-            # the run's average over this session's training steps (evaluation and checkpoints excluded); the last
-            # window's rate separately, named so
-            summary["tokens_per_s"] = self.trained_tokens / max(self.trained_seconds, 1e-9)
-            summary["recent_tokens_per_s"] = logged[-1]["tokens_per_s"]
-            if self.peak is not None:
-                summary["mfu"] = self.flops * summary["tokens_per_s"] / info.world_size / self.peak
-        summary["peak_memory_mb"] = (torch.cuda.max_memory_allocated(info.device) / 2**20 if info.device.type == "cuda"
-                                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        if info.is_main and self.config.logging.sample_prompt:
-            summary["sample"] = sample_text(final_path / "model", self.config.logging.sample_prompt, info.device)
-        if info.is_main:
-            atomic_write_json(self.run_dir / "summary.json", summary)
-        return {**summary, "history": self.logger.history}
-
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) the training described by `config`; returns its summary and logged history."""
