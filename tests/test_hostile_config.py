@@ -247,7 +247,7 @@ def test_tiny_temperature_and_top_p_are_greedy(model: Path, capsys: pytest.Captu
         assert status == 0 and "Traceback" not in err, err[-3000:]
         return json.loads(out.splitlines()[-1])["new_token_ids"]
 
-    greedy = new_ids()
+    greedy = new_ids("--temperature", "0")  # sampling is the default; 0 asks for greedy
     assert new_ids("--temperature", "1e-45") == greedy
     assert new_ids("--temperature", "1", "--top_p", "1e-300") == greedy
     assert new_ids("--temperature", "5e-324", "--top_p", "5e-324") == greedy

@@ -77,6 +77,7 @@ def test_an_allowed_change_is_logged_everywhere(prepared: Path, stopped: Path, c
     assert summary["steps"] == 10 and summary["complete"]
     assert summary["config_changes"] == [{"step": 4, "changes": {"optim.lr": [0.001, 0.002], "train.max_steps": [8, 10]}}]
     change = [r for r in read_metrics(stopped / "metrics.jsonl") if "config_change" in r]
+    assert [r.pop("time") > 0 for r in change] == [True]  # every line carries its wall-clock time
     assert change == [{"step": 4, "config_change": {"optim.lr": [0.001, 0.002], "train.max_steps": [8, 10]}}]
     trainer = json.loads((stopped / "checkpoints" / "step-00000010" / "trainer.json").read_text())
     assert trainer["config_changes"] == summary["config_changes"] and trainer["config"]["optim"]["lr"] == 0.002
