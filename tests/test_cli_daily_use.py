@@ -245,3 +245,18 @@ def test_a_gpu_recipe_on_the_cpu_says_so_before_anything_is_loaded(tmp_path: Pat
     refused(["train", "--config", REPO / "configs" / "debug.yaml", f"--data.prepared={tmp_path / 'none'}",
              f"--logging.run_dir={tmp_path / 'run'}"], capsys, "none")
     assert "for a GPU" not in caplog.text
+
+
+def test_a_bundled_recipe_is_named_without_its_path(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """--config debug (or ablations/cpu, or debug.yaml) is the bundled recipe from any folder; an unknown name is
+    refused with the bundled names listed; a file of that name in the working folder wins over the bundled one."""
+    monkeypatch.chdir(tmp_path)
+    bundled = load_config(str(REPO / "configs" / "debug.yaml"))
+    for name in ("debug", "debug.yaml"):
+        assert load_config(name) == bundled and load_config(name).name == "debug"
+    assert load_config("ablations/cpu").model == load_config(str(REPO / "configs" / "ablations" / "cpu.yaml")).model
+    refused(["train", "--config", "no-such-recipe"], capsys, "config file 'no-such-recipe' does not exist",
+            "bundled recipes: ", "cpu-demo, debug,")
+    (tmp_path / "debug").write_text("train:\n  max_steps: 3\n")
+    assert load_config("debug").train.max_steps == 3

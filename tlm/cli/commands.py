@@ -251,7 +251,7 @@ def train(config: str | list[str] | None = None, show_config: bool = False, max_
     with status 130.
 
     Args:
-        config: a YAML recipe (see configs/). Several --config compose key by key: a later file overrides the
+        config: a YAML recipe, or the name of a bundled one (debug, cpu-demo, tlm-26m, ...; see configs/). Several --config compose key by key: a later file overrides the
             keys an earlier one set (a key it does not give keeps the earlier value); the run is named after the
             last file; the --SECTION.KEY flags come last. Recipes are read strictly: UTF-8, no key twice, no YAML
             aliases, at most --max_config_mb each.

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tlm import RECIPES
 from tlm_base.errors import ConfigError
 from tlm.training.config import TrainConfig, load_config
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "ablations"
+CONFIG_DIR = RECIPES / "ablations"
 SCALES = ("cpu", "h200")
 LR_MULTIPLIERS = (0.2, 0.5, 1, 2, 5)
 STABILITY_MULTIPLIERS = (0.2, 1, 5)

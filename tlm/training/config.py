@@ -30,7 +30,7 @@ import yaml
 from tlm_base.errors import ConfigError, TLMError
 from tlm_base.schema import coerce
 from tlm.model.config import ModelConfig, check_keys, get_preset
-from tlm.training.recipe import MAX_CONFIG_MB, read_recipe
+from tlm.training.recipe import MAX_CONFIG_MB, find_recipe, read_recipe
 from tlm.training.sections import (
     RESUME, BatchSection, CheckpointSection, DataSection, EvalSection, LoggingSection, OptimSection, ScheduleSection,
     TrainSection,
@@ -221,6 +221,7 @@ def load_config(path: str | Path | list[str | Path] | None = None, overrides: di
     if paths:
         config.name = Path(paths[-1]).stem
     model: dict[str, Any] = {}
+    paths = [find_recipe(p) for p in paths]
     for file in paths:
         tree = read_recipe(file, max_mb)
         for key, value in flatten(tree, where=f"config file '{file}'").items():

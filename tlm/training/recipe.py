@@ -51,12 +51,33 @@ def _refuse_duplicates(node: Any, recipe: str, where: str = "") -> None:
             _refuse_duplicates(item, recipe, f"{where}.{i}" if where else str(i))
 
 
+def find_recipe(name: str | Path) -> Path:
+    """A recipe file: `name` itself when it exists, else the bundled recipe of that name (`debug`, `tlm-26m`,
+    `ablations/cpu`, with or without .yaml), which ships inside the package."""
+    from tlm import RECIPES
+
+    path = Path(name)
+    if path.exists():
+        return path
+    for candidate in (RECIPES / path, RECIPES / f"{path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    return path
+
+
+def bundled_recipes() -> list[str]:
+    from tlm import RECIPES
+
+    return sorted(p.relative_to(RECIPES).with_suffix("").as_posix() for p in RECIPES.rglob("*.yaml"))
+
+
 def read_recipe(path: str | Path, max_mb: float = MAX_CONFIG_MB) -> dict[str, Any]:
     """The sections of a YAML recipe, read strictly: a regular file of at most `max_mb` MiB, UTF-8 (a byte-order
     mark is fine), no key twice, no aliases. Each refusal is one ConfigError naming the file."""
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"config file '{path}' " + ("is not a regular file" if file.exists() else "does not exist"))
+        raise ConfigError(f"config file '{path}' " + ("is not a regular file" if file.exists() else
+                                                      f"does not exist (bundled recipes: {', '.join(bundled_recipes())})"))
     if isinstance(max_mb, bool) or not isinstance(max_mb, (int, float)) or not 0 < max_mb < math.inf:
         raise ConfigError(f"--max_config_mb must be a positive number of MiB, got {max_mb!r}")
     limit = int(max_mb * 2**20)

@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tlm import RECIPES
+
 log = logging.getLogger("tlm")
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = RECIPES
 CPU_STEP_FLOPS = 1e12  # a step of more than this on a CPU takes minutes (the 26M recipe: 24 TFLOP; the CPU demo: 0.05)
 MIN_OPEN_FILES = 64
 """The fewest open files `tlm train` starts with. Measured: the debug recipe on prepared data peaks at 7 in its

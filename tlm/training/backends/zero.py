@@ -12,13 +12,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tlm import data_dir
 from tlm.training.backends.base import Backend, target_tokens
 from tlm.training.config import BatchShape, TrainConfig
 from tlm.training.optim import adamw, param_groups
 from tlm_base.errors import ConfigError
 
 log = logging.getLogger("tlm")
-DS_CONFIG_DIR = Path(__file__).resolve().parents[3] / "ds_configs"
+DS_CONFIG_DIR = data_dir("ds_configs", "ds_configs")
 DS_TAG = "deepspeed"
 
 
