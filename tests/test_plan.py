@@ -13,7 +13,8 @@ import torch
 from tlm.cli import main
 from tlm.model.config import get_preset
 from tlm.model.transformer import TransformerLM
-from tlm.training.plan import activation_bytes, model_state_bytes, parameter_counts, parse_bytes, plan_rows, recommend
+from tlm.training.plan import (activation_bytes, fsdp2_units, model_state_bytes, parameter_counts, parse_bytes, plan_rows,
+                               recommend, size_guide, size_guide_line)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -61,11 +62,46 @@ def test_the_recommendation_is_the_cheapest_setting_that_fits() -> None:
     assert parse_bytes("141GB") == 141 * 10**9 and parse_bytes("512MiB") == 512 * 2**20
 
 
+def test_the_recommendation_shards_only_as_much_as_the_memory_needs() -> None:
+    """By model size (here: less memory for one model): DDP while the model states fit whole, ZeRO-1 then ZeRO-2 while
+    the parameters do, FSDP2 when they must be sharded, chosen before ZeRO-3, which fits too but costs more host time
+    per step (docs/performance.md)."""
+    config = get_preset("llama-1b-shape")
+
+    def best(gpu_mem: str):
+        rows = plan_rows(config, gpus=8, gpu_bytes=parse_bytes(gpu_mem), micro_batch=1, seq_len=512, loss_chunk=4096)
+        return recommend(rows), {row.name for row in rows if row.fits}
+
+    assert [(row.backend, row.zero_stage) for row, _ in map(best, ["80GiB", "12GiB", "6GiB", "4GiB"])] == [
+        ("ddp", None), ("deepspeed", 1), ("deepspeed", 2), ("fsdp2", None)]
+    chosen, fitting = best("4GiB")
+    assert chosen.activation_checkpointing == "none" and "deepspeed ZeRO-3, checkpointing none" in fitting
+    guide = size_guide(8, parse_bytes("80GiB"))
+    assert list(guide) == ["single/DDP", "DeepSpeed ZeRO-1", "DeepSpeed ZeRO-2", "FSDP2", "DeepSpeed ZeRO-3"]
+    assert guide["single/DDP"] < guide["DeepSpeed ZeRO-1"] < guide["DeepSpeed ZeRO-2"] < guide["FSDP2"]
+    assert guide["single/DDP"] == int(parse_bytes("80GiB") / 1.1 / 18)  # 18 bytes of model states per parameter
+    assert "single/DDP up to 4.34B parameters, then DeepSpeed ZeRO-1 up to 13.02B" in size_guide_line(8, parse_bytes("80GiB"))
+    assert "ZeRO-1" not in size_guide_line(1, parse_bytes("80GiB"))  # one GPU: sharding saves nothing
+
+
+@pytest.mark.parametrize("preset,units", [("tlm-26m", []), ("minimind2-104m", [list(range(8)), list(range(8, 16))]),
+                                          ("llama-1b-shape", [[i] for i in range(16)])])
+def test_fsdp2_shards_small_layers_together(preset: str, units: list) -> None:
+    """FSDP2's units: consecutive decoder layers up to 5e7 parameters (each unit costs host time every step), the root
+    alone for a model within that, a larger layer alone; the plan counts the largest unit as gathered."""
+    config = get_preset(preset)
+    total, _, block = parameter_counts(config)
+    assert fsdp2_units([block] * config.num_hidden_layers, total) == units
+    unit = max(len(u) for u in units) * block if units else total
+    assert model_state_bytes(config, "fsdp2", None, 8)[0] == 4 * total // 8 + 4 * unit
+
+
 def test_plan_command_reads_a_recipe(capsys: pytest.CaptureFixture) -> None:
     main(["plan", "--config", str(CONFIGS / "llama-1b-shape.yaml"), "--gpus", "8", "--gpu_mem", "24GiB"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["seq_len"] == 2048 and out["micro_batch"] == 4 and out["loss_chunk"] == 4096
     assert out["recommended"] is not None and len(out["rows"]) == 18
+    assert out["by_model_size"] == size_guide(8, parse_bytes("24GiB"))
 
 
 def test_training_states_its_memory_plan(tmp_path: Path, prepared: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -77,3 +113,48 @@ def test_training_states_its_memory_plan(tmp_path: Path, prepared: Path, caplog:
                                                    "logging.wandb": "disabled", "logging.sample_prompt": None,
                                                    "train.max_steps": 1, "eval.every": 0}))
     assert any(r.getMessage().startswith("memory plan: single, checkpointing none:") for r in caplog.records)
+
+
+@pytest.mark.parametrize("gpu_mem, fits, line", [
+    ("80GiB", True, "the recipe's setting (deepspeed ZeRO-1, checkpointing none) fits; cheaper here: ddp, checkpointing "
+                    "none (--train.backend=single --train.activation_checkpointing=none)"),
+    ("16GiB", False, "the recipe's setting (deepspeed ZeRO-1, checkpointing none) does not fit; the cheapest that does: "
+                     "deepspeed ZeRO-1, checkpointing selective, with --train.backend=deepspeed --train.zero_stage=1 "
+                     "--train.activation_checkpointing=selective")])
+def test_plan_compares_the_recipe_with_the_cheapest(gpu_mem: str, fits: bool, line: str,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    """The recipe's own setting is a row of the plan, said to fit or not beside the cheapest (defined: the least
+    recomputation, then the least sharding), with the flags that choose the cheapest; those flags make it the recipe's."""
+    recipe = str(CONFIGS / "llama-1b-shape.yaml")
+    main(["plan", "--config", recipe, "--gpus", "8", "--gpu_mem", gpu_mem])
+    captured = capsys.readouterr()
+    out = json.loads(captured.out.strip().splitlines()[-1])
+    assert out["recipe_setting"] == "deepspeed ZeRO-1, checkpointing none" and out["recipe_setting_fits"] is fits
+    assert line in captured.err and out["recommended"] in line
+    flags = line.split("(--")[-1].rstrip(")") if fits else line.split("with --")[-1]
+    main(["plan", "--config", recipe, "--gpus", "8", "--gpu_mem", gpu_mem, *[f"--{f.lstrip('-')}" for f in
+                                                                             flags.split()]])
+    again = capsys.readouterr()
+    assert f"the recipe's setting ({out['recommended']}) is the cheapest that fits" in again.err
+
+
+def test_a_run_on_a_gpu_says_whether_its_setting_is_the_cheapest(monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """At start-up on a GPU, the plan's line for the run's setting, then how it compares with the cheapest that fits
+    that GPU; a setting past the GPU's memory is refused before anything is built (the GPU is faked: its memory)."""
+    from types import SimpleNamespace
+
+    from tlm.training.config import load_config
+    from tlm.training.plan import check_memory
+    from tlm_base.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _d: SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _d: "a GPU of 80 GiB")
+    config = load_config(CONFIGS / "llama-1b-shape.yaml")
+    with caplog.at_level(logging.INFO, logger="tlm"):
+        check_memory(config.model, config, config.batch_shape(8), torch.device("cuda", 0), True)
+    assert ("memory plan on this GPU: this run's setting (deepspeed ZeRO-1, checkpointing none) fits; cheaper here: "
+            "ddp, checkpointing none (--train.backend=single") in caplog.text
+    with pytest.raises(ConfigError, match="more than the 80.0 GiB of a GPU of 80 GiB; `tlm plan --config RECIPE"):
+        big = load_config(CONFIGS / "llama-1b-shape.yaml", {"batch.micro_batch_size": 32})  # 110 GiB of activations
+        check_memory(big.model, big, big.batch_shape(8), torch.device("cuda", 0), False)

@@ -56,7 +56,8 @@ def command_help(name: str) -> str:
     fn = COMMANDS[name]
     description, texts = _docstring(fn)
     params = list(inspect.signature(fn).parameters.values())
-    usage = [f"--{p.name} {p.name.upper()}" for p in params if p.default is inspect.Parameter.empty
+    usage = [f"{p.name.rstrip('s').upper()} [{p.name.rstrip('s').upper()} ...]" if p.kind is inspect.Parameter.VAR_POSITIONAL
+             else f"--{p.name} {p.name.upper()}" for p in params if p.default is inspect.Parameter.empty
              and p.kind is not inspect.Parameter.VAR_KEYWORD]
     extra = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
     wrap = textwrap.TextWrapper(width=100, initial_indent="      ", subsequent_indent="      ")
@@ -72,6 +73,9 @@ def command_help(name: str) -> str:
         default = "" if p.default is inspect.Parameter.empty else f" (default: {p.default})"
         if isinstance(p.default, bool):
             default = f" (default: {'on' if p.default else 'off'}; --{p.name} / --no{p.name})"
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            lines += [f"  {p.name.rstrip('s').upper()} ...", wrap.fill(text)]
+            continue
         lines.append(f"  {_flag(p) if not isinstance(p.default, bool) else '--' + p.name}")
         lines.append(wrap.fill(f"{text}{default}" if text else default.strip()))
     if name == "train":

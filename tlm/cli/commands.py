@@ -32,14 +32,18 @@ def presets() -> None:
 
 def plan(preset: str | None = None, config: str | list[str] | None = None, gpus: int = 1, gpu_mem: Any = "80GiB",
          seq_len: int | None = None, micro_batch: int | None = None, loss_chunk: int | None = None,
-         margin: float = 0.1, max_config_mb: float = 1.0) -> None:
-    """Per-GPU memory of each backend / ZeRO stage / checkpointing setting, and the cheapest that fits.
+         margin: float = 0.1, max_config_mb: float = 1.0, **overrides: Any) -> None:
+    """Per-GPU memory of each backend / ZeRO stage / checkpointing setting, the cheapest that fits, and which backend
+    tlm recommends for which model size.
 
     For every setting: parameters, gradients, optimizer states and activations per GPU and whether they fit (a
     table; JSON on the last line).
 
     Model states follow DeepSpeed's own estimators' accounting (equal to them at ZeRO-2 and ZeRO-3); activations
-    are counted tensor by tensor for a bf16 Llama block; the formulas are in tlm/training/plan.py.
+    are counted tensor by tensor for a bf16 Llama block; the formulas are in tlm/training/plan.py. The cheapest is the
+    least recomputation (checkpointing none, selective, full), then the least sharding (single/DDP, ZeRO-0, 1, 2,
+    FSDP2, ZeRO-3): each costs time in every step (docs/performance.md). With --config, the recipe's own setting is
+    compared with it.
 
     Args:
         preset: a model preset (tlm presets lists them); or give --config.
@@ -52,22 +56,27 @@ def plan(preset: str | None = None, config: str | list[str] | None = None, gpus:
         loss_chunk: tokens per chunk of the chunked loss (0: all logits at once).
         margin: added to every total for fragmentation and communication buffers (0.1 = 10%).
         max_config_mb: the most a config file may hold, in MiB.
+        overrides: --SECTION.KEY=VALUE on the recipe, as in tlm train (e.g. --train.zero_stage=2); needs --config.
     """
     from tlm.inference import check_int
     from tlm.model.config import get_preset
-    from tlm.training.plan import parse_bytes, plan_rows, plan_table, recommend, row_line
+    from tlm_base.errors import ConfigError
+    from tlm.training.plan import (compare_with_recipe, parse_bytes, plan_rows, plan_table, recommend, row_line,
+                                   size_guide, size_guide_line)
 
     check_int("--gpus", gpus, low=1)
     capacity = parse_bytes(gpu_mem)
     if config is not None:
         from tlm.training.config import load_config
 
-        recipe = load_config(config, {"model.preset": preset} if preset else None, max_config_mb)
+        recipe = load_config(config, {**({"model.preset": preset} if preset else {}), **overrides}, max_config_mb)
         model = recipe.model
         seq_len = seq_len or recipe.data.seq_len
         micro_batch = micro_batch or recipe.batch.micro_batch_size
         loss_chunk = recipe.train.loss_chunk if loss_chunk is None else loss_chunk
     else:
+        if overrides:
+            raise ConfigError(f"tlm plan: --{next(iter(overrides))} sets a recipe key; give the recipe with --config")
         model = get_preset(preset or "tlm-26m")
     seq_len, micro_batch, loss_chunk = seq_len or 512, micro_batch or 8, loss_chunk or 0
     for name, value in (("--seq_len", seq_len), ("--micro_batch", micro_batch)):
@@ -84,8 +93,16 @@ def plan(preset: str | None = None, config: str | list[str] | None = None, gpus:
               f"{row.activations / g:7.2f} {row.total / g:7.2f}  {'yes' if row.fits else 'no'}", file=sys.stderr)
     print(f"recommended: {row_line(best)}" if best else "nothing fits: more GPUs, a smaller micro-batch or "
           "--loss_chunk", file=sys.stderr)
-    emit({"gpus": gpus, "gpu_bytes": capacity, "seq_len": seq_len, "micro_batch": micro_batch, "loss_chunk": loss_chunk,
-          "rows": plan_table(rows), "recommended": best.name if best else None})
+    print(size_guide_line(gpus, capacity, margin), file=sys.stderr)
+    result: dict[str, Any] = {}
+    if config is not None:
+        mine, line = compare_with_recipe(rows, recipe.train.backend, recipe.train.zero_stage,
+                                         recipe.train.activation_checkpointing)
+        print(line, file=sys.stderr)
+        result = {"recipe_setting": mine.name, "recipe_setting_fits": mine.fits}
+    emit({**result, "gpus": gpus, "gpu_bytes": capacity, "seq_len": seq_len, "micro_batch": micro_batch, "loss_chunk": loss_chunk,
+          "rows": plan_table(rows), "recommended": best.name if best else None,
+          "by_model_size": size_guide(gpus, capacity, margin)})
 
 
 def init(out: str, preset: str = "tlm-26m", tokenizer: str | None = None, seed: int = 0, overwrite: bool = False,
@@ -392,5 +409,37 @@ def export(checkpoint: str, out: str, dtype: str = "float32", overwrite: bool = 
     emit({"out": str(path), "files": files, "architecture": "LlamaForCausalLM"})
 
 
+def plot(*runs: str, out: str = "curves.png") -> None:
+    """Overlay runs' curves into one PNG: loss (training, and validation dashed) and learning rate against tokens.
+
+    Each RUN is a run folder (runs/NAME, holding metrics.jsonl) or a metrics.jsonl. The x axis is tokens seen, so
+    runs of other batch sizes, world sizes or data mixtures line up; a run resumed or rolled back shows its line as
+    it stands (the steps it redid replace the ones before). A training run also keeps its own RUN/curves.png,
+    redrawn at each evaluation (logging.curves). Needs no terminal, display or network.
+
+    Args:
+        runs: run folders or metrics.jsonl files, one or more.
+        out: the PNG to write (replaced whole; default curves.png here).
+    """
+    from pathlib import Path
+
+    from tlm.training.curves import plot_runs
+    from tlm_base.errors import ConfigError
+    from tlm_base.fileio import check_output_folder
+
+    if not runs:
+        raise ConfigError("tlm plot needs at least one run folder: tlm plot runs/NAME [runs/OTHER ...] --out FILE.png")
+    target = Path(str(out))
+    if target.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a file name ending in .png")
+    if target.suffix.lower() != ".png":
+        raise ConfigError(f"--out {out}: the figure is a PNG; give a name ending in .png")
+    check_output_folder(target.parent if str(target.parent) else ".", "--out's folder", "--out")
+    drawn = plot_runs([str(r) for r in runs], target)
+    print(f"wrote {target} ({len(drawn)} run{'s' if len(drawn) > 1 else ''})", file=sys.stderr)
+    emit({"out": str(target), "runs": drawn})
+
+
 COMMANDS = {"train": train, "prepare": prepare, "tokenizer": tokenizer, "eval": eval, "generate": generate,
-            "init": init, "export": export, "presets": presets, "plan": plan, "ablate": ablate, "bench": bench}
+            "init": init, "export": export, "presets": presets, "plan": plan, "ablate": ablate, "bench": bench,
+            "plot": plot}

@@ -194,8 +194,34 @@ def size_guide_line(gpus: int, gpu_bytes: int, margin: float = 0.1) -> str:
 
 
 def recommend(rows: list[PlanRow]) -> PlanRow | None:
-    """The cheapest setting that fits: the least recomputation, then the least sharding."""
+    """The cheapest setting that fits. Cheapest means, in this order: the least recomputation (activation
+    checkpointing none, selective, full), then the least sharding (single/DDP, DeepSpeed ZeRO-0, 1, 2, FSDP2, ZeRO-3),
+    since each costs time in every step (recomputed layers; host time and collectives: docs/performance.md)."""
     return next((row for row in rows if row.fits), None)
+
+
+def compare_with_recipe(rows: list[PlanRow], backend: str, zero_stage: int, checkpointing: str) -> tuple[PlanRow, str]:
+    """The recipe's own setting among `rows`, and a line saying whether it fits and how it compares with the
+    cheapest (the flags that choose the cheapest instead, when they differ)."""
+    gpus_backend = "ddp" if backend == "single" and rows[0].backend == "ddp" else backend
+    stage = zero_stage if backend == "deepspeed" else None
+    mine = next(r for r in rows if (r.backend, r.zero_stage, r.activation_checkpointing) == (gpus_backend, stage,
+                                                                                               checkpointing))
+    best = recommend(rows)
+    if not mine.fits:
+        return mine, f"the recipe's setting ({mine.name}) does not fit" + (f"; the cheapest that does: {best.name}, "
+                                                                          f"with {setting_flags(best)}" if best else "")
+    if best is mine:
+        return mine, f"the recipe's setting ({mine.name}) is the cheapest that fits"
+    return mine, (f"the recipe's setting ({mine.name}) fits; cheaper here: {best.name} ({setting_flags(best)}), "
+                  "less sharding or recomputation")
+
+
+def setting_flags(row: PlanRow) -> str:
+    """The `tlm train` flags that choose a row's setting."""
+    backend = "single" if row.backend == "ddp" else row.backend
+    stage = f" --train.zero_stage={row.zero_stage}" if row.zero_stage is not None else ""
+    return f"--train.backend={backend}{stage} --train.activation_checkpointing={row.activation_checkpointing}"
 
 
 def parse_bytes(text: str | int | float) -> int:
@@ -245,6 +271,12 @@ def check_memory(model: ModelConfig, config: TrainConfig, shape: BatchShape, dev
     import torch
 
     capacity = torch.cuda.get_device_properties(device).total_memory
+    if is_main:
+        rows = plan_rows(model, shape.world_size, capacity, shape.micro_batch_size, shape.seq_len,
+                         config.train.loss_chunk)
+        _, line = compare_with_recipe(rows, config.train.backend, config.train.zero_stage,
+                                      config.train.activation_checkpointing)
+        log.info("memory plan on this GPU: %s", line.replace("the recipe's setting", "this run's setting"))
     needed = row.parameters + row.gradients + row.optimizer_states + row.activations
     if needed > capacity:
         raise ConfigError(f"memory plan: {row_line(row)}, more than the {capacity / 2**30:.1f} GiB of "

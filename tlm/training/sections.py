@@ -185,3 +185,5 @@ class LoggingSection:
     wandb_project: str = free("tlm")
     sample_prompt: str | None = free("It was a dark and stormy night")
     """Printed with a generated continuation at the end of the run (None = no sample)."""
+    curves: bool = free(True)
+    """Redraw RUN/curves.png (training and validation loss against tokens, learning rate) at each evaluation."""

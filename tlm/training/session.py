@@ -98,7 +98,7 @@ def run_summary(trainer: Any, final_path: Path, stopped: str | None) -> dict[str
         "flops_per_token": trainer.flops, "config_changes": trainer.change_log, **trainer.last_eval,
         "wall_seconds": round(trainer.progress.elapsed(), 1),
         "session_seconds": round(time.perf_counter() - trainer.started, 1), "threads": torch.get_num_threads(),
-        "cpu_seconds": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1),
+        "cpu_seconds": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - trainer.cpu_started, 1),
     }
     logged = [h for h in trainer.logger.history if "loss" in h]
     summary["losses"] = [h["loss"] for h in logged]  # this session's logged windows

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from tlm.checkpointing.checkpoints import Checkpointer
 from tlm.checkpointing.layout import ValidationFigures, checkpoint_dir, read_trainer_state
 from tlm.checkpointing.lineage import find_resume, plan_start
 from tlm.checkpointing.model_dir import read_model_meta, save_model_dir
+from tlm.training.curves import refresh_run_figure
 from tlm.training.resume_check import check_config, check_data, diff_lines, model_changes
 from tlm.model.transformer import TransformerLM
 from tlm_base import faults
@@ -53,6 +55,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         self.started = time.perf_counter()
+        # this session's CPU time: the process's so far is subtracted, as `tlm ablate` trains many runs in one process
+        self.cpu_started = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
         self.config = config
         self.info = info = init_distributed(config)
         self.shape = config.batch_shape(info.world_size)
@@ -256,6 +260,8 @@ class Trainer:
             self.last_eval = evaluate(self.backend, self.data.val_rows, batch, max_batches, self.info,
                                       token_bytes=self.data.token_bytes, documents=documents)
         self.record({"step": self.step, **self.last_eval, "tokens_seen": self.progress.tokens_seen})
+        if self.info.is_main and self.config.logging.curves and not final:  # the end of the run draws the last
+            refresh_run_figure(self.run_dir)
         bpb = f", {self.last_eval['val_bpb']:.4f} bits/byte" if "val_bpb" in self.last_eval else ""
         whole = " (the whole split: eval.final_full)" if max_batches is None and self.config.eval.max_batches else ""
         self.logger.say(f"step {self.step}: val loss {self.last_eval['val_loss']:.4f}, perplexity "
@@ -375,6 +381,8 @@ class Trainer:
                 if self.step == self.total_steps and not stopped:
                     self.run_eval(final=True)
                 final_path = self.checkpoint() if self.last_saved != self.step else checkpoint_dir(self.run_dir, self.step)
+            if info.is_main and self.config.logging.curves:
+                refresh_run_figure(self.run_dir)
             return run_summary(self, final_path, stopped)
         finally:
             stop.uninstall()
