@@ -25,29 +25,41 @@ def param_groups(model: nn.Module, optim: OptimSection) -> list[dict]:
     return [{"params": decay, "weight_decay": optim.weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
-class SkippingAdamW(torch.optim.AdamW):
-    """AdamW that makes no update when a gradient is not finite; `overflow` says whether it skipped (the
-    attribute DeepSpeed's engine reads to count skipped steps) and `_global_grad_norm` holds the norm."""
+class ClippingAdamW(torch.optim.AdamW):
+    """AdamW that clips the global gradient norm itself (torch's clip_grad_norm_, for-each) and, with `skip_nonfinite`,
+    makes no update when that norm is not finite: DeepSpeed ZeRO-0 steps it directly, so that its step is the plain
+    backend's (DeepSpeed's own ZeRO-0 clipping walks the parameters one by one in Python and all-reduces the norm,
+    and a second norm was needed for the guard). `overflow` says whether it skipped (the attribute DeepSpeed's engine
+    reads to count skipped steps; computing it is the guard's one host sync), `_global_grad_norm` holds the norm as
+    a tensor (what the engine's get_global_grad_norm returns; read back only when logged)."""
 
-    overflow = False
-    _global_grad_norm = None
+    def __init__(self, params, max_norm: float = 0.0, skip_nonfinite: bool = False, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        self.max_norm, self.skip_nonfinite = max_norm, skip_nonfinite
+        self.overflow, self._global_grad_norm = False, None
 
     @torch.no_grad()
     def step(self, closure=None):
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
-        self._global_grad_norm = float(norm)
-        self.overflow = not torch.isfinite(norm).item()
-        if self.overflow:
-            return None
+        if self.max_norm > 0 or self.skip_nonfinite:
+            params = [p for group in self.param_groups for p in group["params"]]
+            norm = nn.utils.clip_grad_norm_(params, self.max_norm if self.max_norm > 0 else math.inf)
+            self._global_grad_norm = norm
+            self.overflow = self.skip_nonfinite and not bool(torch.isfinite(norm))
+            if self.overflow:
+                return None
         return super().step(closure)
 
 
-def adamw(groups: list[dict], optim: OptimSection, fused: bool | None = None,
+def adamw(groups: list[dict], optim: OptimSection, fused: bool | None = None, clipping: bool = False,
           skip_nonfinite: bool = False) -> torch.optim.AdamW:
-    """torch's AdamW with the configured betas and eps (SkippingAdamW when asked to skip non-finite steps)."""
-    kind = SkippingAdamW if skip_nonfinite else torch.optim.AdamW
-    return kind(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused)
+    """torch's AdamW with the configured betas and eps: fused when asked, else for-each, one kernel (or DTensor
+    dispatch, under FSDP2) per operation over all the parameters instead of one per parameter (torch picks for-each
+    by itself only on CUDA; on CPU its per-parameter loop gives the same bits for more host time: docs/performance.md).
+    With `clipping`, a ClippingAdamW that clips to optim.grad_clip and, with `skip_nonfinite`, skips non-finite steps."""
+    kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused, foreach=None if fused else True)
+    if clipping:
+        return ClippingAdamW(groups, max_norm=optim.grad_clip, skip_nonfinite=skip_nonfinite, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def lr_at(step: int, total_steps: int, lr: float, schedule: ScheduleSection) -> float:

@@ -1,4 +1,4 @@
-"""FSDP2: torch's fully_shard on every decoder layer and the root, DCP checkpoints (re-shardable)."""
+"""FSDP2: torch's fully_shard on units of consecutive decoder layers and the root, DCP checkpoints (re-shardable)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ import torch
 
 from tlm.training.backends.base import Backend
 from tlm.training.optim import adamw, param_groups
+from tlm.training.plan import fsdp2_units
 
 
 class FSDP2Backend(Backend):
-    """torch's fully_shard on every decoder layer and the root; DCP checkpoints (re-shardable)."""
+    """torch's fully_shard on units of consecutive decoder layers (tlm.training.plan.fsdp2_units: up to 5e7 parameters
+    each, a larger layer alone, the root alone for a model within that) and on the root; DCP checkpoints (re-shardable,
+    so a checkpoint resumes under other units too: the parameter names do not change)."""
 
     name = "fsdp2"
     gathers_in_forward = True
@@ -22,10 +25,13 @@ class FSDP2Backend(Backend):
 
         model = model.to(info.device)
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 else MixedPrecisionPolicy()
-        for layer in model.layers:
-            if config.train.compile:
+        if config.train.compile:
+            for layer in model.layers:
                 layer.compile()  # per block, before sharding (torchtitan's order)
-            fully_shard(layer, mp_policy=policy)
+        sizes = [sum(p.numel() for p in layer.parameters()) for layer in model.layers]
+        for unit in fsdp2_units(sizes, sum(p.numel() for p in model.parameters())):
+            layers = [model.layers[i] for i in unit]
+            fully_shard(layers if len(layers) > 1 else layers[0], mp_policy=policy)
         fully_shard(model, mp_policy=policy)
         self.module = self.model = model
         self.optimizer = adamw(param_groups(model, config.optim), config.optim, fused=self.fused)

@@ -41,13 +41,15 @@ def deepspeed_config(config: TrainConfig, shape: BatchShape, load_universal: boo
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": shape.accumulation_steps,
         "train_batch_size": shape.global_batch_size,
-        "gradient_clipping": config.optim.grad_clip,
+        # ZeRO-0 steps tlm's ClippingAdamW, which clips (DeepSpeed's ZeRO-0 clipping is a Python loop and an all-reduce)
+        "gradient_clipping": 0.0 if stage == 0 else config.optim.grad_clip,
     })
     if config.train.precision == "bf16":
         if stage == 0:
             ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
         else:
-            ds["bf16"] = {"enabled": True}
+            # the overflow check reads the device back (one or two syncs a step): only with a NaN policy
+            ds["bf16"] = {"enabled": True, "check_grad_overflow": config.train.nan_policy != "off"}
             ds.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
     if load_universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
@@ -66,17 +68,21 @@ class DeepSpeedBackend(Backend):
         ds_config = deepspeed_config(config, shape, load_universal)
         deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the process group already started
         model = model.to(info.device)
-        # ZeRO 1-3 skip a step with non-finite gradients themselves; ZeRO-0 steps the torch optimizer
-        # directly, so it gets one that skips (and says so through `overflow`, as DeepSpeed's own do).
-        guarded = self.check_finite and config.train.zero_stage == 0
-        optimizer = adamw(param_groups(model, config.optim), config.optim, fused=self.fused, skip_nonfinite=guarded)
+        self.stage = stage = config.train.zero_stage
+        # ZeRO 1-3 clip, and skip a step with non-finite gradients, themselves; ZeRO-0 steps the torch optimizer
+        # directly, so it gets one that clips and skips (and says so through `overflow`, as DeepSpeed's own do).
+        optimizer = adamw(param_groups(model, config.optim), config.optim, fused=self.fused, clipping=stage == 0,
+                          skip_nonfinite=self.check_finite)
         if info.device.type == "cpu" and info.is_main:
             _announce_shm_build()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        if stage == 0 and info.world_size == 1:
+            # ZeRO-0 all-reduces the gradients after backward by itself: in one process a flatten, a copy and a
+            # collective of one rank for nothing (the sum of one rank is itself: same bits)
+            self.engine.enable_backward_allreduce = False
         self.module = self.engine.module
         if config.train.compile:
             self.engine.compile()
-        self.stage = config.train.zero_stage
         self.gathers_in_forward = self.stage == 3
 
     def train_mode(self, training):
@@ -97,10 +103,13 @@ class DeepSpeedBackend(Backend):
         return loss.detach(), tokens
 
     def optimizer_step(self):
+        """DeepSpeed stepped in the last micro-step. Whether it applied the update is a host flag it already holds
+        (its overflow check under ZeRO 1-3, ClippingAdamW's under ZeRO-0), so the norm is not read back here: it is
+        returned as it is, a tensor, and read only when logged."""
         norm = self.engine.get_global_grad_norm()
-        norm = None if norm is None else torch.as_tensor(float(norm))
-        applied = getattr(self.engine, "_step_applied", True)
-        self.skipped = self.check_finite and (not applied or (norm is not None and not torch.isfinite(norm)))
+        if norm is not None and not torch.is_tensor(norm):
+            norm = torch.tensor(float(norm))  # a float already (inf after an overflow)
+        self.skipped = self.check_finite and not getattr(self.engine, "_step_applied", True)
         self.nonfinite = []
         return norm
 
