@@ -20,8 +20,13 @@ if [ "$NNODES" -gt 1 ]; then
     if [ -n "${RDZV_CONF:-}" ]; then rdzv+=(--rdzv_conf "$RDZV_CONF"); fi
     # The address this node gives the others (default: its hostname's); set it where that is not reachable.
     if [ -n "${LOCAL_ADDR:-}" ]; then rdzv+=(--local_addr "$LOCAL_ADDR"); fi
+    # A node that replaces a lost one joins a later rendezvous round; with torch's shared TCPStore (its default)
+    # it waits for an address the first round's rank 0 never publishes again, so each round builds its own.
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 else
     rdzv=(--standalone --nnodes 1)
 fi
 # tlm.training.launch torchrun: torchrun itself, ending quietly (status 130) on Ctrl-C once the ranks have checkpointed.
-exec "$TLM_PYTHON" -m tlm.training.launch torchrun "${rdzv[@]}" --nproc_per_node "$PROCS" -m tlm train "$@"
+# Other torchrun flags: TORCHRUN_ARGS, e.g. "--max-restarts 3" (elastic restarts after a rank or a node fails).
+# shellcheck disable=SC2086  # TORCHRUN_ARGS is a list of flags
+exec "$TLM_PYTHON" -m tlm.training.launch torchrun "${rdzv[@]}" ${TORCHRUN_ARGS:-} --nproc_per_node "$PROCS" -m tlm train "$@"

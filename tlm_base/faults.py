@@ -5,6 +5,9 @@
     TLM_FAULT="kill_in_save@4:rank0"  SIGKILL rank 0 while it writes the checkpoint of step 4, after the
                                       backend's state and before the COMPLETE marker
     TLM_FAULT="kill@5"                SIGKILL every rank as step 5 begins
+    TLM_FAULT="fail@5:rank1"          rank 1 raises a full disk (ENOSPC) as step 5 begins, the others go on
+    TLM_FAULT="hang@5:rank1"          rank 1 stops as step 5 begins, alive but silent (a hung device or file
+                                      system, a link down): the others wait in their next collective
     TLM_FAULT="stall_in_save@any"     sleep 60 s inside every checkpoint write (before COMPLETE): a slow disk,
                                       for the tests of a second Ctrl-C and of the stop grace period
     TLM_FAULT="kill_in_export@any"    SIGKILL `tlm export` half-way (its weights written beside OUT, the rest not)
@@ -21,7 +24,7 @@ import os
 import signal
 
 log = logging.getLogger("tlm")
-KINDS = ("nan", "kill", "kill_in_save", "stall_in_save", "kill_in_export", "stall_in_export")
+KINDS = ("nan", "kill", "fail", "hang", "kill_in_save", "stall_in_save", "kill_in_export", "stall_in_export")
 ANY = -1
 
 
@@ -48,6 +51,23 @@ def hit(faults: dict[tuple[str, int], int | None], kind: str, step: int, rank: i
         return False
     target = faults[key]
     return target is None or target == rank
+
+
+def fail_here(step: int) -> None:
+    """Raise what a full disk raises, as step `step` begins."""
+    import errno
+
+    log.warning("fault injection: a full disk as step %d begins", step)
+    raise OSError(errno.ENOSPC, "No space left on device (fault injection)", "the checkpoint folder")
+
+
+def hang_here(step: int) -> None:
+    """Block this process for good (signals still end it), as step `step` begins."""
+    import time
+
+    log.warning("fault injection: hanging as step %d begins", step)
+    while True:
+        time.sleep(3600)
 
 
 def kill_self(reason: str) -> None:

@@ -79,13 +79,21 @@ def command_help(name: str) -> str:
         lines.append(f"  {_flag(p) if not isinstance(p.default, bool) else '--' + p.name}")
         lines.append(wrap.fill(f"{text}{default}" if text else default.strip()))
     if name == "train":
-        lines += ["", "config keys (--SECTION.KEY=VALUE; tlm train --config RECIPE --show_config prints them resolved):"]
-        lines += [f"  {line}" for line in config_keys()]
+        lines += ["", textwrap.fill("config keys and their defaults before a recipe (--SECTION.KEY=VALUE; tlm train "
+                                    "--config RECIPE --show_config prints them resolved; docs/training.md says what "
+                                    "each does):", 100)]
+        lines += [textwrap.fill(line, 100, initial_indent="  ", subsequent_indent="      ") for line in config_keys()]
     return "\n".join(lines) + "\n"
 
 
+def _shown(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(str, value)) + "]"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def config_keys() -> list[str]:
-    """One line per config section with its keys (the training config's dataclasses)."""
+    """One line per config section with its keys and their defaults (the training config's dataclasses)."""
     import dataclasses
 
     from tlm.training.config import TrainConfig
@@ -94,7 +102,8 @@ def config_keys() -> list[str]:
     for field in dataclasses.fields(TrainConfig()):
         value = getattr(TrainConfig(), field.name)
         if dataclasses.is_dataclass(value) and field.name != "model":
-            lines.append(f"{field.name}: " + ", ".join(f.name for f in dataclasses.fields(value)))
+            lines.append(f"{field.name}: " + ", ".join(f"{f.name}={_shown(getattr(value, f.name))}"
+                                                       for f in dataclasses.fields(value)))
     return lines
 
 
@@ -150,6 +159,9 @@ def _report(error: BaseException, line: str) -> None:
         import traceback
 
         traceback.print_exception(error)
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1 and line.startswith("tlm: "):  # which rank says it, in a job of several
+        line = f"tlm: rank {os.environ.get('RANK', '?')} of {world}: {line[len('tlm: '):]}"
     print(line, file=sys.stderr, flush=True)
 
 

@@ -254,7 +254,8 @@ def validate(config: TrainConfig) -> None:
                           "DeepSpeed's; add --train.backend=deepspeed (or drop the stage)")
     positive = {"batch.micro_batch_size": config.batch.micro_batch_size, "data.seq_len": config.data.seq_len,
                 "optim.lr": config.optim.lr, "train.epochs": t.epochs,
-                "train.stop_grace_s": t.stop_grace_s, "train.max_skipped_steps": t.max_skipped_steps}
+                "train.stop_grace_s": t.stop_grace_s, "train.max_skipped_steps": t.max_skipped_steps,
+                "train.collective_timeout_s": t.collective_timeout_s}
     for key, value in positive.items():
         if not value > 0 or value == math.inf:  # NaN fails `> 0` too
             raise ConfigError(f"config key '{key}' must be positive, got {value}")

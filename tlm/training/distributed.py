@@ -5,7 +5,9 @@ a sum across ranks and a barrier (each a no-op in one process)."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -80,3 +82,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def set_collective_timeout(seconds: float, *groups: Any) -> None:
+    """From now on a collective of the default group (and of `groups`) waits at most `seconds` for the other ranks,
+    then fails on every rank that waits (gloo raises; NCCL's watchdog aborts). Torch's own default (30 minutes for
+    gloo, 10 for NCCL) stays for setup, where rank 0 may prepare data while the others wait."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    for group in {None, *groups}:
+        _set_pg_timeout(timedelta(seconds=seconds), group)
+
+
+def lost_peer(error: BaseException, timeout_s: float) -> str | None:
+    """What a collective's failure says about the other ranks, in words (None when `error` is not such a failure):
+    a peer that closed its connections (it crashed or was killed) or none answering within the timeout."""
+    text = str(error)
+    if not isinstance(error, (RuntimeError, dist.DistError)):
+        return None
+    closed = re.search(r"(Connection closed by peer|Connection reset by peer|Broken pipe)\s*(\[[^\]]*\]:?\d*)?", text)
+    if closed:
+        where = f" ({closed.group(2).replace('[', '').replace(']', '')})" if closed.group(2) else ""
+        return f"another rank closed its connection{where}: it failed or was killed (its own log says why)"
+    if re.search(r"[Tt]imed out|[Tt]imeout|Watchdog caught collective", text):
+        return (f"no answer from the other ranks within {timeout_s:g} s (train.collective_timeout_s): a rank hung, "
+                "or its node went down or lost its link")
+    return None

@@ -22,6 +22,7 @@ import os
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -61,6 +62,11 @@ class StopRequest:
         if dist.is_initialized() and dist.get_world_size() > 1:
             self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
         return self
+
+    @property
+    def group(self) -> Any:
+        """The process group of the stop check (gloo: it runs on the CPU), None in one process."""
+        return self._group
 
     def uninstall(self) -> None:
         if self._timer is not None:

@@ -47,7 +47,17 @@ def run_training(config_path: str | list[str] | None, overrides: dict[str, Any],
     check_open_files()
     check_run_folder(config.run_dir)
     warn_gpu_recipe_on_cpu(config)
-    summary = train(config)
+    try:
+        summary = train(config)
+    except Exception as e:
+        from tlm.training.distributed import lost_peer
+        from tlm_base.errors import TrainingError
+
+        cause = lost_peer(e, config.train.collective_timeout_s)
+        if cause is None:
+            raise
+        raise TrainingError(f"{cause}; this rank stops too. The last complete checkpoint is intact: "
+                            f"{rerun_hint(config)} once every rank can run") from None
     # The checkpoint is written: a late stop signal (srun forwards USR1 to every task, a second Ctrl-C) must not
     # turn this clean exit into a crash.
     for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGINT):

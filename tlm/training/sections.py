@@ -134,6 +134,10 @@ class TrainSection:
     stop_grace_s: float = free(110.0)
     """After SIGTERM / SIGUSR1 / the stop file: finish the step, checkpoint, exit; if that takes longer than
     this, exit anyway (status 143) before the scheduler's SIGKILL (Slurm signals 120 s ahead)."""
+    collective_timeout_s: float = free(300.0)
+    """Once training starts, the longest any rank waits in a collective for the others (a rank that died without
+    a word, a hung device, a node whose link went down): past it, every waiting rank ends with one line naming
+    itself and the cause. Setup (data preparation, conversions) keeps torch's own, longer limit."""
 
 
 @dataclass

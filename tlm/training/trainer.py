@@ -34,7 +34,7 @@ from tlm.training.resume_check import check_config, check_data, diff_lines, mode
 from tlm.model.transformer import TransformerLM
 from tlm_base import faults
 from tlm.training.backends import check_resume, make_backend, prepare_resume
-from tlm.training.distributed import all_reduce, barrier, from_rank0, init_distributed
+from tlm.training.distributed import all_reduce, barrier, from_rank0, init_distributed, set_collective_timeout
 from tlm.training.config import TrainConfig
 from tlm.training.data import load_run_data
 from tlm.training.evaluate import evaluate, evaluate_parts
@@ -281,6 +281,10 @@ class Trainer:
         self.backend.set_lr(lr)
         if faults.hit(self.faults, "kill", self.step + 1, info.rank):
             faults.kill_self(f"as step {self.step + 1} begins")
+        if faults.hit(self.faults, "fail", self.step + 1, info.rank):
+            faults.fail_here(self.step + 1)
+        if faults.hit(self.faults, "hang", self.step + 1, info.rank):
+            faults.hang_here(self.step + 1)
         batches = [next(self.stream) for _ in range(shape.accumulation_steps)]
         # x world size: every backend averages gradients over the ranks
         scale = info.world_size / self._step_tokens(batches)
@@ -370,6 +374,7 @@ class Trainer:
         """Train to the end (or to train.stop_at, or until asked to stop), then evaluate and checkpoint."""
         info = self.info
         stop = StopRequest(self.config.train.stop_grace_s, rerun_hint(self.config)).install()  # until the final checkpoint is written, a stop signal only sets a flag
+        set_collective_timeout(self.config.train.collective_timeout_s, stop.group)
         try:
             stopped = self._loop(stop)
             if self.state is not None and self.step == self.state["step"]:
