@@ -6,6 +6,7 @@
 #   TLM_ARGS     extra `tlm train` overrides          (default: none), e.g. "--train.max_steps=1000"
 #   TLM_PYTHON   the interpreter with tlm installed   (default: python3 on PATH, i.e. the submitting venv)
 #   MASTER_PORT  rendezvous port                      (default: derived from the job id)
+#   TLM_MAX_REQUEUES  requeues after a rank lost its peers (exit 75: a node failed)  (default: 3)
 # CPU mode: on nodes without GPUs the ranks use gloo, one thread per core of the task.
 
 set -euo pipefail
@@ -26,6 +27,10 @@ export TOKENIZERS_PARALLELISM=false
 # under any launcher, to checkpoint and stop.
 export TLM_STOP_FILE=${TLM_STOP_FILE:-$PWD/.tlm-stop-${SLURM_JOB_ID}}
 rm -f "$TLM_STOP_FILE"
+# A rank that lost its peers (exit 75) also touches this file: srun reports the highest status of its tasks, and
+# the other tasks' is usually a kill's.
+export TLM_LOST_PEER_FILE=$PWD/.tlm-lost-peer-${SLURM_JOB_ID}
+rm -f "$TLM_LOST_PEER_FILE"
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     TLM_DEVICE=cuda
@@ -56,8 +61,18 @@ tlm_run() {
         kill -0 "$TLM_TRAINER_PID" 2>/dev/null || break  # still running: wait was cut short by a signal
     done
     rm -f "$TLM_STOP_FILE"
+    local lost=""
+    if [ "$status" = 75 ] || [ -f "$TLM_LOST_PEER_FILE" ]; then lost=1; fi
+    rm -f "$TLM_LOST_PEER_FILE"
     if [ -n "$TLM_PREEMPTED" ]; then
         echo "tlm: requeueing job ${SLURM_JOB_ID} (trainer exited with ${status})" >&2
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+    # 75: a rank lost its peers (a node failed or went silent): requeue, the rerun resumes from the last checkpoint,
+    # at most TLM_MAX_REQUEUES times (default 3) so that a node that always fails does not loop for ever
+    if [ -n "$lost" ] && [ "${SLURM_RESTART_COUNT:-0}" -lt "${TLM_MAX_REQUEUES:-3}" ]; then
+        echo "tlm: a rank lost its peers (exit 75): requeueing job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0} of at most ${TLM_MAX_REQUEUES:-3})" >&2
         scontrol requeue "$SLURM_JOB_ID"
         exit 0
     fi

@@ -123,3 +123,17 @@ def test_usr1_checkpoints_requeues_and_finishes_like_an_uninterrupted_job(cluste
     final = json.loads((preempted_dir / "runs" / "debug" / "summary.json").read_text())
     expected = json.loads((reference_dir / "runs" / "debug" / "summary.json").read_text())
     assert final["steps"] == 60 and final["final_loss"] == expected["final_loss"]
+
+
+def test_a_lost_peer_requeues_the_job_a_bounded_number_of_times(cluster: dict, prepared: Path, tmp_path: Path) -> None:
+    """A rank that stops answering (here: hangs) ends the other within train.collective_timeout_s with status 75, on
+    which slurm/common.sh requeues the job (a node failure is worth a retry); TLM_MAX_REQUEUES bounds it, so a fault
+    that comes back every time ends the job as FAILED after one requeue."""
+    job = submit(cluster, tmp_path, "pretrain.sbatch", "--ntasks-per-node=2", "--cpus-per-task=1",
+                 TLM_CONFIG=str(REPO / "configs" / "debug.yaml"), TLM_FAULT="hang@3:rank1", TLM_MAX_REQUEUES="1",
+                 TLM_ARGS=train_args(prepared, "--train.backend=ddp", "--train.collective_timeout_s=3"))
+    assert wait_for(cluster, job, timeout=240) == ["FAILED"], output(tmp_path)
+    log = output(tmp_path)
+    assert log.count("tlm: rank 0 of 2: error: no answer from the other ranks within 3 s") == 2, log
+    assert log.count(f"tlm: a rank lost its peers (exit 75): requeueing job {job} (restart 0 of at most 1)") == 1, log
+    assert "(restart 1)" in log and "requeueing job" not in log.split("(restart 1)")[-1], log

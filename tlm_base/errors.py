@@ -4,7 +4,9 @@ They live in the base layer (tlm_base), below both of tlm's packages, so that bo
 
 
 class TLMError(Exception):
-    """Base class: the CLI prints the message and exits with status 2."""
+    """Base class: the CLI prints the message and exits with `exit_status` (2)."""
+
+    exit_status = 2
 
     reported_by_rank0 = False
     """True when every rank raises the same error and rank 0 alone should print it."""
@@ -30,6 +32,13 @@ class ExportError(TLMError):
 
 class TrainingError(TLMError):
     """Training cannot go on (non-finite gradients under the stop policy): the message says what was kept."""
+
+
+class LostPeerError(TrainingError):
+    """Another rank stopped answering (it failed, was killed, or its node went down): a transient failure, so the
+    exit status is 75 (EX_TEMPFAIL, "try again"), which the Slurm scripts requeue on; the checkpoint is intact."""
+
+    exit_status = 75
 
 
 class DataError(TLMError):

@@ -226,9 +226,9 @@ def main(argv: list[str] | None = None) -> None:
         fire.Fire(COMMANDS, command=args, name="tlm", serialize=lambda result: None)
     except TLMError as e:
         if e.reported_by_rank0 and os.environ.get("RANK", "0") != "0":
-            sys.exit(2)  # rank 0 says it
+            sys.exit(e.exit_status)  # rank 0 says it
         _report(e, f"tlm: error: {e}")
-        sys.exit(2)
+        sys.exit(e.exit_status)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP where a command stops as Ctrl-C does (prepare)
         signum = getattr(e, "signum", signal.SIGINT)
         _report(e, "tlm: interrupted" + (f" by {signal.Signals(signum).name}" if signum != signal.SIGINT else ""))

@@ -51,12 +51,14 @@ def run_training(config_path: str | list[str] | None, overrides: dict[str, Any],
         summary = train(config)
     except Exception as e:
         from tlm.training.distributed import lost_peer
-        from tlm_base.errors import TrainingError
+        from tlm_base.errors import LostPeerError
 
         cause = lost_peer(e, config.train.collective_timeout_s)
         if cause is None:
             raise
-        raise TrainingError(f"{cause}; this rank stops too. The last complete checkpoint is intact: "
+        if os.environ.get("TLM_LOST_PEER_FILE"):  # for the job script: srun's status is a killed task's, not ours
+            Path(os.environ["TLM_LOST_PEER_FILE"]).touch()
+        raise LostPeerError(f"{cause}; this rank stops too. The last complete checkpoint is intact: "
                             f"{rerun_hint(config)} once every rank can run") from None
     # The checkpoint is written: a late stop signal (srun forwards USR1 to every task, a second Ctrl-C) must not
     # turn this clean exit into a crash.

@@ -26,9 +26,9 @@ class PlainBackend(Backend):
         self.model = torch.compile(self.module) if config.train.compile else self.module
         if info.world_size > 1:
             ids = [info.device.index] if info.device.type == "cuda" else None
-            # broadcast_buffers off: the model's one buffer (RoPE's inv_freq) is computed alike on every rank, and
-            # DDP would broadcast it in every forward (a collective per micro-step for nothing)
-            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+            # no buffer sync in forward: the model's one buffer (RoPE's inv_freq) is computed alike on every rank,
+            # and DDP would broadcast it in every forward (a collective per micro-step for nothing)
+            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, forward_sync_buffers=False)
         self.optimizer = adamw(param_groups(self.module, config.optim), config.optim, fused=self.fused)
 
     def accumulation_context(self, last):
