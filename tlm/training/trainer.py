@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -442,4 +443,8 @@ def shutdown() -> None:
     """End the process group cleanly (without it, gloo runs sometimes abort at exit)."""
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        ds_comm = sys.modules.get("deepspeed.comm")
+        if ds_comm is not None and ds_comm.is_initialized():
+            ds_comm.destroy_process_group()  # also drops DeepSpeed's cached groups: a later run in this process
+        else:                               # would meet the destroyed ones ("Group ... is not registered")
+            dist.destroy_process_group()
