@@ -17,6 +17,8 @@ Here: which backend a config asks for, and its rules for resuming a checkpoint.
 
 from __future__ import annotations
 
+import torch
+
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,13 @@ def make_backend(model: TransformerLM, config: TrainConfig, info: DistInfo, shap
     import)."""
     kind = config.train.backend
     model.activation_checkpointing = config.train.activation_checkpointing  # before any wrapping or compiling
+    if config.train.compile:
+        # Each run compiles afresh, as in a process of its own. Dynamo keeps the graphs of every model compiled
+        # earlier in the process (one per architecture, grad mode and batch shape); past 8 for TransformerLM.forward
+        # (its recompile_limit) it ran that function eagerly for the rest of the process, with one warning. `tlm
+        # ablate` trains its runs in one process, so 15 committed CPU runs (NoPE, SiLU, the KV-head counts) had
+        # trained uncompiled, with eager bf16's other bits, although their recipe says compile: true.
+        torch._dynamo.reset()
     if kind in ("single", "ddp"):
         from tlm.training.backends.plain import PlainBackend
 
