@@ -301,8 +301,11 @@ def test_no_converter_process_outlives_tlm(tmp_path: Path, monkeypatch: pytest.M
     code = ("import sys; from pathlib import Path; import tlm.training.backends.universal as b; "
             f"b.UNIVERSAL_CONVERTER = [sys.executable, {str(script)!r}]; b.convert_to_universal(Path(sys.argv[1]))")
     env = {**os.environ, "PIDS": str(pids_file), "OMP_NUM_THREADS": "1"}
+    # SIGINT as a terminal gives it: a suite started in the background of a shell without job control inherits it
+    # ignored, and Python then installs no KeyboardInterrupt handler
     tlm = subprocess.Popen([sys.executable, "-c", code, str(path)], env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
+                           stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not pids_file.exists() and time.time() < deadline and tlm.poll() is None:
         time.sleep(0.1)
