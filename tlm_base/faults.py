@@ -53,6 +53,16 @@ def hit(faults: dict[tuple[str, int], int | None], kind: str, step: int, rank: i
     return target is None or target == rank
 
 
+def at_step_start(faults: dict[tuple[str, int], int | None], step: int, rank: int) -> None:
+    """The faults set to strike as step `step` begins on this rank: SIGKILL, a full disk, a hang."""
+    if hit(faults, "kill", step, rank):
+        kill_self(f"as step {step} begins")
+    if hit(faults, "fail", step, rank):
+        fail_here(step)
+    if hit(faults, "hang", step, rank):
+        hang_here(step)
+
+
 def fail_here(step: int) -> None:
     """Raise what a full disk raises, as step `step` begins."""
     import errno

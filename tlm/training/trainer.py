@@ -280,16 +280,12 @@ class Trainer:
         info, shape = self.info, self.shape
         lr = lr_at(self.step, self.total_steps, self.config.optim.lr, self.config.schedule)
         self.backend.set_lr(lr)
-        if faults.hit(self.faults, "kill", self.step + 1, info.rank):
-            faults.kill_self(f"as step {self.step + 1} begins")
-        if faults.hit(self.faults, "fail", self.step + 1, info.rank):
-            faults.fail_here(self.step + 1)
-        if faults.hit(self.faults, "hang", self.step + 1, info.rank):
-            faults.hang_here(self.step + 1)
+        if self.faults:  # fault injection ($TLM_FAULT, the reliability tests); an empty dict in a real run
+            faults.at_step_start(self.faults, self.step + 1, info.rank)
         batches = [next(self.stream) for _ in range(shape.accumulation_steps)]
         # x world size: every backend averages gradients over the ranks
         scale = info.world_size / self._step_tokens(batches)
-        if faults.hit(self.faults, "nan", self.step + 1, info.rank):
+        if self.faults and faults.hit(self.faults, "nan", self.step + 1, info.rank):
             scale = float("nan")  # the gradients of this step (not the loss) become NaN
         loss, tokens = torch.zeros((), dtype=torch.float64, device=info.device), 0
         for i, batch in enumerate(batches):
