@@ -97,7 +97,7 @@ def plan(preset: str | None = None, config: str | list[str] | None = None, gpus:
     result: dict[str, Any] = {}
     if config is not None:
         mine, line = compare_with_recipe(rows, recipe.train.backend, recipe.train.zero_stage,
-                                         recipe.train.activation_checkpointing)
+                                         recipe.train.activation_checkpointing, gpus)
         print(line, file=sys.stderr)
         result = {"recipe_setting": mine.name, "recipe_setting_fits": mine.fits}
     emit({**result, "gpus": gpus, "gpu_bytes": capacity, "seq_len": seq_len, "micro_batch": micro_batch, "loss_chunk": loss_chunk,

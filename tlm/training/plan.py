@@ -148,11 +148,17 @@ def activation_bytes(config: ModelConfig, micro_batch: int, seq_len: int, checkp
     return blocks + logits + tokens * 4 * h  # the embedding output
 
 
+def run_setting(backend: str, zero_stage: int | None, gpus: int) -> tuple[str, int | None]:
+    """(backend, ZeRO stage) as the plan names a setting: `single` on several GPUs is DDP; a ZeRO stage means
+    nothing to a backend other than DeepSpeed."""
+    backend = "ddp" if backend == "single" and gpus > 1 else backend
+    return backend, zero_stage if backend == "deepspeed" else None
+
+
 def plan_row(config: ModelConfig, backend: str, zero_stage: int | None, gpus: int, micro_batch: int, seq_len: int,
              loss_chunk: int = 0, checkpointing: str = "none", margin: float = 0.1) -> PlanRow:
     """The plan of one setting (what `tlm train` prints at start-up); `fits` is left True (no device given)."""
-    backend = "ddp" if backend == "single" and gpus > 1 else backend
-    stage = zero_stage if backend == "deepspeed" else None  # a ZeRO stage means nothing to another backend
+    backend, stage = run_setting(backend, zero_stage, gpus)
     params, grads, optim = model_state_bytes(config, backend, stage, gpus)
     acts = activation_bytes(config, micro_batch, seq_len, checkpointing, loss_chunk)
     return PlanRow(backend, stage, checkpointing, params, grads, optim, acts,
@@ -200,13 +206,12 @@ def recommend(rows: list[PlanRow]) -> PlanRow | None:
     return next((row for row in rows if row.fits), None)
 
 
-def compare_with_recipe(rows: list[PlanRow], backend: str, zero_stage: int, checkpointing: str) -> tuple[PlanRow, str]:
-    """The recipe's own setting among `rows`, and a line saying whether it fits and how it compares with the
-    cheapest (the flags that choose the cheapest instead, when they differ)."""
-    gpus_backend = "ddp" if backend == "single" and rows[0].backend == "ddp" else backend
-    stage = zero_stage if backend == "deepspeed" else None
-    mine = next(r for r in rows if (r.backend, r.zero_stage, r.activation_checkpointing) == (gpus_backend, stage,
-                                                                                               checkpointing))
+def compare_with_recipe(rows: list[PlanRow], backend: str, zero_stage: int, checkpointing: str,
+                        gpus: int) -> tuple[PlanRow, str]:
+    """The recipe's own setting among `rows` (a plan for `gpus` GPUs), and a line saying whether it fits and how it
+    compares with the cheapest (the flags that choose the cheapest instead, when they differ)."""
+    setting = (*run_setting(backend, zero_stage, gpus), checkpointing)
+    mine = next(r for r in rows if (r.backend, r.zero_stage, r.activation_checkpointing) == setting)
     best = recommend(rows)
     if not mine.fits:
         return mine, f"the recipe's setting ({mine.name}) does not fit" + (f"; the cheapest that does: {best.name}, "
@@ -275,7 +280,7 @@ def check_memory(model: ModelConfig, config: TrainConfig, shape: BatchShape, dev
         rows = plan_rows(model, shape.world_size, capacity, shape.micro_batch_size, shape.seq_len,
                          config.train.loss_chunk)
         _, line = compare_with_recipe(rows, config.train.backend, config.train.zero_stage,
-                                      config.train.activation_checkpointing)
+                                      config.train.activation_checkpointing, shape.world_size)
         log.info("memory plan on this GPU: %s", line.replace("the recipe's setting", "this run's setting"))
     needed = row.parameters + row.gradients + row.optimizer_states + row.activations
     if needed > capacity:
