@@ -32,7 +32,6 @@ moved.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import subprocess
@@ -40,6 +39,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from tlm.training.metrics import line_of_descent, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / "docs" / "ablations" / "cpu" / "runs"
@@ -68,14 +69,13 @@ def why_not_comparable() -> str | None:
 
 
 def records(path: Path) -> dict[int, dict]:
-    """step -> the merged deterministic fields of that step's records (a step has a training and a validation
-    record when both fall on it); the last record of a step wins, as in the report."""
+    """step -> the deterministic fields of that step as the run stands (tlm's line_of_descent, as the report reads
+    a run: a step's training and validation records merged, the last record of a step winning)."""
     out: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
+    for record in line_of_descent(read_metrics(path)):
         fields = {k: record[k] for k in COMPARED if k in record}
         if fields:
-            out.setdefault(record["step"], {}).update(fields)
+            out[record["step"]] = fields
     return out
 
 

@@ -82,8 +82,7 @@ wait
 "$PY" - "$WORK" "$killed" "$noticed" "$restarted" "$down" "$noticed_link" "$up" "$COLLECTIVE_TIMEOUT_S" <<'PY'
 import json, sys
 from pathlib import Path
-from tlm.training.curves import line_of_descent
-from tlm.training.metrics import read_metrics
+from tlm.training.metrics import line_of_descent, read_metrics
 work = Path(sys.argv[1])
 killed, noticed, restarted, down, noticed_link, up, timeout = map(float, sys.argv[2:9])
 def run(name):

@@ -129,8 +129,7 @@ grep "^tlm:" "$WORK/slurm-loss-$job.out" | sed "s#$WORK#WORK#g"
 "$PY" - "$WORK" "$killed" "$requeued" "$ended" <<'PY'
 import json, sys
 from pathlib import Path
-from tlm.training.curves import line_of_descent
-from tlm.training.metrics import read_metrics
+from tlm.training.metrics import line_of_descent, read_metrics
 work = Path(sys.argv[1])
 killed, requeued, ended = map(float, sys.argv[2:5])
 def run(name):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hostile import cli, refused, train_args
-from tlm.training.curves import line_of_descent
+from tlm.training.metrics import line_of_descent
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -20,7 +20,7 @@ from tlm.studies.analysis import EVAL_NOISE, analyse, eval_noise
 from tlm.studies.plots import plot_position, plot_study, plot_yarn
 from tlm.studies.verdicts import cell, compare, verdict
 from tlm.model.generate import kv_cache_bytes
-from tlm.training.metrics import read_metrics, read_summary
+from tlm.training.metrics import line_of_descent, read_metrics, read_summary
 from tlm.studies.stats import mean, std
 from tlm.training.config import load_config
 
@@ -32,10 +32,10 @@ def load_run(run_dir: Path) -> dict[str, Any] | None:
     summary_file = run_dir / "summary.json"
     if not summary_file.is_file():
         return None
-    records = read_metrics(run_dir / "metrics.jsonl")
-    # A run that was interrupted and trained again logs its first steps twice: the last record of a step wins.
-    train = sorted({r["step"]: r for r in records if "loss" in r}.values(), key=lambda r: r["step"])
-    val = sorted({r["step"]: r for r in records if "val_loss" in r}.values(), key=lambda r: r["step"])
+    # A run that was interrupted and trained again logs steps twice: the run as it stands (line_of_descent)
+    records = line_of_descent(read_metrics(run_dir / "metrics.jsonl"))
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
     summary = read_summary(summary_file)
     return {"dir": run_dir, "summary": summary, "train": train, "val": val, "seed": _seed(run_dir),
             "final_val": val[-1]["val_loss"] if val else math.nan, "final_se": val[-1].get("val_loss_se") if val else None}

@@ -16,24 +16,10 @@ from typing import Any
 
 from tlm_base.errors import TLMError
 from tlm_base.fileio import atomic_write_bytes
-from tlm.training.metrics import read_metrics
+from tlm.training.metrics import line_of_descent, read_metrics
 
 log = logging.getLogger("tlm")
 FIGURE = "curves.png"
-
-
-def line_of_descent(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The records of the run as it stands, in step order: a session that starts at step S (a resume, or a
-    rollback to S) supersedes every earlier record past S (steps redone, or an abandoned branch); a step logged
-    twice keeps its last record (training and validation at one step merge)."""
-    kept: dict[int, dict[str, Any]] = {}
-    for record in records:
-        step = record["step"]
-        if "session" in record:
-            kept = {s: r for s, r in kept.items() if s <= step}
-            continue
-        kept.setdefault(step, {}).update(record)
-    return [kept[s] for s in sorted(kept)]
 
 
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:

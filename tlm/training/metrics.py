@@ -102,6 +102,21 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+
+def line_of_descent(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of the run as it stands, in step order: a session that starts at step S (a resume, or a
+    rollback to S) supersedes every earlier record past S (steps redone, or an abandoned branch); a step logged
+    twice keeps its last record (training and validation at one step merge)."""
+    kept: dict[int, dict[str, Any]] = {}
+    for record in records:
+        step = record["step"]
+        if "session" in record:
+            kept = {s: r for s, r in kept.items() if s <= step}
+            continue
+        kept.setdefault(step, {}).update(record)
+    return [kept[s] for s in sorted(kept)]
+
+
 class WandbLogger:
     """wandb when asked for; never imported otherwise. A failing wandb warns and turns itself off."""
 
