@@ -1,7 +1,23 @@
-# Sourced by scripts/two_nodes.sh and scripts/two_nodes_slurm.sh: two "nodes" on one Linux machine (network
-# namespaces joined by a veth pair, the interface named tlm0 in both so that GLOO_SOCKET_IFNAME=tlm0 holds
-# everywhere), the data both train on, the one-node reference run, and the comparison of losses.
-# Expects REPO, WORK and PY to be set; defines NS, ADDR and NODE_ENV.
+# Sourced by scripts/two_nodes*.sh: two "nodes" on one Linux machine (network namespaces joined by a veth pair,
+# the interface named tlm0 in both so that GLOO_SOCKET_IFNAME=tlm0 holds everywhere), the data both train on, the
+# one-node reference run, and the comparison of losses. Expects REPO to be set; defines NS, ADDR and NODE_ENV;
+# two_nodes_start sets WORK and PY.
+
+# two_nodes_start NAME WORK_DIR HINT TOOL...: refuse in one line, before anything is made, to run other than as
+# root or without one of the tools (python and ip included; HINT says how to install them); then WORK (WORK_DIR
+# made absolute, or a new temporary folder) and PY (TLM_PYTHON, default python3, exported for the launch scripts).
+two_nodes_start() {
+    local name=$1 work=$2 hint=$3 tool
+    shift 3
+    [ "$(id -u)" = 0 ] || { echo "$name: needs root (ip netns); rerun with sudo"; exit 2; }
+    PY=${TLM_PYTHON:-python3}
+    export TLM_PYTHON=$PY
+    for tool in ip "$PY" "$@"; do
+        command -v "$tool" >/dev/null || { echo "$name: $tool is missing${hint:+ ($hint)}"; exit 2; }
+    done
+    WORK=${work:-$(mktemp -d -t "tlm-$name-XXXX")}
+    mkdir -p "$WORK" && WORK=$(cd "$WORK" && pwd)
+}
 
 NS=(tlm-node0 tlm-node1)
 ADDR=(10.231.0.1 10.231.0.2)

@@ -11,11 +11,8 @@
 #   sudo scripts/two_nodes.sh [WORK_DIR]      (python3 with tlm installed; TLM_PYTHON=... to choose)
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-WORK=${1:-$(mktemp -d -t tlm-two-nodes-XXXX)}
-mkdir -p "$WORK" && WORK=$(cd "$WORK" && pwd)
-PY=${TLM_PYTHON:-python3}
-export TLM_PYTHON=$PY
 source "$REPO/scripts/netns_nodes.sh"
+two_nodes_start two_nodes "${1:-}" ""
 trap nodes_down EXIT
 nodes_up
 cd "$REPO"

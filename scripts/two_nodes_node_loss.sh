@@ -13,16 +13,11 @@
 #   sudo scripts/two_nodes_node_loss.sh [WORK_DIR]      (TLM_PYTHON=... for the python with tlm installed)
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-WORK=${1:-$(mktemp -d -t tlm-node-loss-XXXX)}
-mkdir -p "$WORK" && WORK=$(cd "$WORK" && pwd)
-PY=${TLM_PYTHON:-python3}
-export TLM_PYTHON=$PY
 COLLECTIVE_TIMEOUT_S=${COLLECTIVE_TIMEOUT_S:-20}
 RESTART_AFTER_S=${RESTART_AFTER_S:-5}
 LINK_DOWN_S=${LINK_DOWN_S:-30}
-for tool in ip "$PY"; do command -v "$tool" >/dev/null || { echo "two_nodes_node_loss: $tool is missing"; exit 2; }; done
-[ "$(id -u)" = 0 ] || { echo "two_nodes_node_loss: needs root (ip netns); rerun with sudo"; exit 2; }
 source "$REPO/scripts/netns_nodes.sh"
+two_nodes_start two_nodes_node_loss "${1:-}" "apt-get install bc" bc
 trap nodes_down EXIT
 nodes_up
 cd "$REPO"

@@ -12,11 +12,10 @@
 #   sudo scripts/two_nodes_slurm.sh [WORK_DIR]      (TLM_PYTHON=... the python with tlm installed)
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-WORK=${1:-$(mktemp -d -t tlm-slurm2-XXXX)}
-mkdir -p "$WORK" && WORK=$(cd "$WORK" && pwd)
-PY=${TLM_PYTHON:-python3}
 NAMES=(tlmnode0 tlmnode1)
 source "$REPO/scripts/netns_nodes.sh"
+two_nodes_start two_nodes_slurm "${1:-}" "apt-get install slurmctld slurmd slurm-client munge" slurmctld slurmd \
+    sbatch munge nsenter
 
 cleanup() {
     for f in "$WORK"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done

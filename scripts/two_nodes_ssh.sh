@@ -10,15 +10,9 @@
 #   sudo scripts/two_nodes_ssh.sh [WORK_DIR]      (TLM_PYTHON=... for the python with tlm installed)
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-WORK=${1:-$(mktemp -d -t tlm-two-nodes-ssh-XXXX)}
-mkdir -p "$WORK" && WORK=$(cd "$WORK" && pwd)
-PY=${TLM_PYTHON:-python3}
-export TLM_PYTHON=$PY
-[ "$(id -u)" = 0 ] || { echo "two_nodes_ssh: needs root (ip netns, sshd); rerun with sudo"; exit 2; }
-for tool in ip ssh ssh-keygen pdsh /usr/sbin/sshd "$PY"; do
-    command -v "$tool" >/dev/null || { echo "two_nodes_ssh: $tool is missing (apt-get install openssh-server openssh-client pdsh)"; exit 2; }
-done
 source "$REPO/scripts/netns_nodes.sh"
+two_nodes_start two_nodes_ssh "${1:-}" "apt-get install openssh-server openssh-client pdsh" ssh ssh-keygen pdsh \
+    /usr/sbin/sshd
 stop_sshd() { for i in 0 1; do [ -f "$WORK/sshd$i.pid" ] && kill "$(cat "$WORK/sshd$i.pid")" 2>/dev/null || true; done; }
 trap 'stop_sshd; nodes_down' EXIT
 nodes_up
