@@ -57,6 +57,8 @@ class ValidationFigures(Schema):
     val_loss_se: float | None = None
     val_bpb: float | None = None
     val_bytes: NonNegInt | None = None
+    val_loss_periodic: float | None = None
+    """At a final evaluation of the whole split: the loss over the rows the periodic evaluations cover."""
 
 
 class Lineage(Schema):

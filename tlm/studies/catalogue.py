@@ -24,6 +24,8 @@ EQUIVALENCE_MARGIN = 0.05  # nats of validation loss: "no loss in perplexity" me
 TRAINS_MARGIN = 0.5  # nats: a run "trains" when its final validation loss is this far below the unigram loss
 POSITION_PROBE_R2 = 0.5  # a model "infers position" when a linear probe of some layer reaches this held-out R^2
 YARN_FACTORS = (2, 4, 8, 16)  # long-context evaluation at these multiples of the trained length
+MUON_LR = 0.02  # Muon's centre rate (tlm's default: Keller Jordan's reference, nanochat), swept by LR_MULTIPLIERS
+CURVE_EVERY = 50  # study 10 evaluates every this many steps, for its time-to-target curves
 
 RULES = {
     "better": "the variant minus the baseline, paired over seeds: reproduced when the 95% CI of the difference in "
@@ -40,6 +42,15 @@ RULES = {
                  "run sits on it); for pre- and post-norm, the highest rate of the grid at which every seed trains; "
                  "reproduced when pre-norm's is at least 5x post-norm's, not reproduced when lower, inconclusive when "
                  "either trains at no rate",
+    "target": "each run's validation curve on one measure (the rows every periodic evaluation covers; at the last "
+              "step the same rows of the final evaluation), linearly interpolated between evaluations; per seed, the "
+              "target is the AdamW baseline's loss at its last step on that measure (a seed fixes the initial weights "
+              "and the data order); Muon's rate is the one of its sweep with the lowest mean final validation loss "
+              "(over the whole split); tokens to target = the first point of Muon's curve at or below the target "
+              "(AdamW reaches it at its last step by definition); reproduced when, at that rate, every seed of Muon "
+              "reaches the target with fewer tokens than AdamW and the 95% CI of the paired difference in final "
+              "validation loss (Muon - AdamW, at equal tokens) lies below 0; not reproduced when some seed of Muon "
+              "does not reach the target or that CI lies above 0; inconclusive otherwise",
     "yarn": f"at each of {', '.join(f'{f}x' for f in YARN_FACTORS)} the trained length (YaRN factor = that multiple), "
             "YaRN's loss minus plain RoPE's, paired over seeds: reproduced when every 95% CI lies below 0, not "
             "reproduced when one lies above 0, inconclusive otherwise",
@@ -87,6 +98,9 @@ def studies(base: TrainConfig) -> dict[str, Study]:
             if position == "post":
                 overrides = {"model.norm_position": "post", **overrides}
             stability[f"{position} lr={_number(lr * m)}"] = overrides
+    muon = {"optim.name": "muon", "eval.every": CURVE_EVERY}
+    optimizers = {"adamw": {"eval.every": CURVE_EVERY}}
+    optimizers.update({f"muon lr={_number(MUON_LR * m)}": {**muon, "optim.muon_lr": MUON_LR * m} for m in LR_MULTIPLIERS})
     kv = {f"kv_heads={k}": ({} if k == base.model.num_key_value_heads else {"model.num_key_value_heads": k})
           for k in KV_HEADS if heads % k == 0 and k <= heads}
     return {
@@ -118,6 +132,11 @@ def studies(base: TrainConfig) -> dict[str, Study]:
                            "within each document (train.document_masking=mask, evaluated the same way) converges "
                            "to a lower loss", "better", "mask",
                            {"mask": {"train.document_masking": "mask"}, "cross-document": {}}),
+        "optimizer": Study("optimizer", "10. Muon vs AdamW: time to target",
+                           f"Muon (torch.optim.Muon for the hidden matrices, AdamW at the baseline's rate for the rest) "
+                           f"reaches the AdamW baseline's final validation loss with fewer tokens, and ends lower at "
+                           f"equal tokens; Muon's rate swept x{', x'.join(_number(m) for m in LR_MULTIPLIERS)} around "
+                           f"{MUON_LR} as AdamW's was", "target", "adamw", optimizers),
     }
 
 

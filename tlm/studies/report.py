@@ -18,7 +18,7 @@ import torch
 from tlm.studies.catalogue import POSITION_PROBE_R2, UNIGRAM, Study, base_config_path, planned_runs, slug, studies
 from tlm.studies.analysis import EVAL_NOISE, analyse, eval_noise
 from tlm.studies.plots import plot_position, plot_study, plot_yarn
-from tlm.studies.verdicts import cell, compare, verdict
+from tlm.studies.verdicts import cell, compare, targets, tokens_to_target, verdict
 from tlm.model.generate import kv_cache_bytes
 from tlm.training.metrics import line_of_descent, read_metrics, read_summary
 from tlm.studies.stats import mean, std
@@ -90,6 +90,8 @@ def write_report(runs_dir: Path, report_dir: Path, scale: str, seeds: int, names
             lines += _probe_table(analyses) + ["![loss by position](position_loss.png)", ""]
         if name == "mlp":
             lines += _parameter_note(study, base)
+        if study.kind == "target":
+            lines += target_table(study, groups)
         if name == "yarn" and analyses.get(study.baseline):
             plot_yarn(analyses[study.baseline], report_dir / "yarn.png")
             lines += _yarn_table(analyses[study.baseline]) + ["![YaRN](yarn.png)", ""]
@@ -181,6 +183,29 @@ def _overview(base, runs: dict[str, dict], planned: int, unigram: dict | None, n
                   f"{unigram['val_bytes']:,} bytes ({per_token:.3f} per token), so over the whole split bits per byte "
                   f"= loss / {math.log(2) * per_token:.4f}.", ""]
     return lines
+
+
+def target_table(study: Study, groups: dict[str, list[dict]]) -> list[str]:
+    """Time to target per variant: tokens and CPU seconds to reach the baseline's final loss (per seed, on the curve's
+    measure), as a mean over the seeds that reach it; CPU seconds = the run's CPU seconds per token x those tokens."""
+    goal = targets(groups.get(study.baseline, []))
+    rows = ["Time to target: tokens (and CPU seconds, one thread) until the validation curve reaches the AdamW "
+            "baseline's final loss of the same seed (mean over the seeds that reach it):", "",
+            "| variant | seeds reaching | tokens to target | x AdamW's | CPU seconds to target | final val loss (mean) |",
+            "|---|---|---|---|---|---|"]
+    ends = [r["summary"]["tokens_seen"] for r in groups.get(study.baseline, [])]
+    for variant, runs in groups.items():
+        runs = [r for r in runs if r["seed"] in goal]
+        if not runs or not ends:
+            continue
+        reached = [(r, t) for r in runs for t in [tokens_to_target(r, goal[r["seed"]])] if t is not None]
+        tokens = mean([t for _, t in reached]) if reached else math.nan
+        cpu = [r["summary"]["cpu_seconds"] * t / r["summary"]["tokens_seen"] for r, t in reached
+               if r["summary"].get("cpu_seconds")]
+        seconds = mean(cpu) if cpu else math.nan
+        shown = (f"{tokens / 1e6:.3f}M | {tokens / mean(ends):.2f} | {seconds:.0f}" if reached else "- | - | -")
+        rows.append(f"| {variant} | {len(reached)} of {len(runs)} | {shown} | {mean([r['final_val'] for r in runs]):.4f} |")
+    return rows + [""]
 
 
 def _probe_table(analyses: dict[str, list[dict]]) -> list[str]:

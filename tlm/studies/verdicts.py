@@ -121,8 +121,64 @@ def _yarn(study: Study, base: list[dict], groups: dict[str, list[dict]], analyse
     return ("reproduced" if set(labels) == {"reproduced"} else "inconclusive"), summary + lines
 
 
+def curve(run: dict[str, Any]) -> list[tuple[int, float]]:
+    """(tokens seen, validation loss) on the periodic evaluations' rows: the periodic figures, and at a final
+    evaluation of the whole split its `val_loss_periodic` (the same rows); a final record without it is left out."""
+    points = []
+    for record in run["val"]:
+        if record.get("val_loss_periodic") is not None:
+            points.append((record["tokens_seen"], record["val_loss_periodic"]))
+        elif record is not run["val"][-1] or record.get("val_tokens") == run["val"][0].get("val_tokens"):
+            points.append((record["tokens_seen"], record["val_loss"]))
+    return points
+
+
+def tokens_to_target(run: dict[str, Any], target: float) -> float | None:
+    """The first point of the run's curve at or below `target`, linearly interpolated in tokens between the two
+    evaluations around it (None when it never gets there)."""
+    points = curve(run)
+    for (t0, l0), (t1, l1) in zip([(math.nan, math.inf)] + points, points):
+        if l1 <= target:
+            return float(t1) if not math.isfinite(l0) or l0 == l1 else t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
+    return None
+
+
+def targets(base: list[dict]) -> dict[int, float]:
+    """Per seed, the baseline's loss at its last step on the curve's measure (when its final record has it)."""
+    return {r["seed"]: r["val"][-1]["val_loss_periodic"] for r in base
+            if r["val"] and r["val"][-1].get("val_loss_periodic") is not None}
+
+
+def best_variant(study: Study, groups: dict[str, list[dict]]) -> str | None:
+    """The variant (other than the baseline) with the lowest mean final validation loss."""
+    ranked = [(sum(r["final_val"] for r in rs) / len(rs), v) for v, rs in groups.items() if v != study.baseline and rs]
+    return min(ranked)[1] if ranked else None
+
+
+def _target(study: Study, base: list[dict], groups: dict[str, list[dict]], analyses: dict, unigram) -> Verdict:
+    goal = targets(base)
+    best = best_variant(study, groups)
+    if best is None:
+        return "no data", ["only the baseline has runs"]
+    if len(goal) < len(base):
+        return "no data", ["a baseline run's final evaluation lacks val_loss_periodic (run before it was logged)"]
+    reached = {r["seed"]: tokens_to_target(r, goal[r["seed"]]) for r in groups[best] if r["seed"] in goal}
+    ends = {r["seed"]: r["summary"]["tokens_seen"] for r in base}
+    d = compare(base, groups[best])
+    shown = ", ".join(f"seed {s}: {'not reached' if t is None else f'{t / 1e6:.3f}M ({t / ends[s]:.2f}x)'}"
+                      for s, t in sorted(reached.items()))
+    lines = [f"Muon's rate: {best} (the lowest mean final validation loss of its sweep)",
+             f"tokens to reach AdamW's final loss, against AdamW's {ends[min(ends)] / 1e6:.3f}M: {shown}",
+             f"{best} - {study.baseline} at equal tokens: {cell(d)} nats of final validation loss (95% CI)"]
+    if any(t is None for t in reached.values()) or d.low > 0:
+        return "not reproduced", lines
+    if reached and all(t < ends[s] for s, t in reached.items()) and d.high < 0:
+        return "reproduced", lines
+    return "inconclusive", lines
+
+
 RULES_BY_KIND = {"better": _better, "sweep": _sweep, "equivalent": _equivalent, "stability": _stability,
-                 "yarn": _yarn}
+                 "yarn": _yarn, "target": _target}
 """One function per study kind, each applying the rule stated in tlm.studies.catalogue.RULES."""
 
 

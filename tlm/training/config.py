@@ -238,6 +238,26 @@ def load_config(path: str | Path | list[str | Path] | None = None, overrides: di
     return config
 
 
+def check_muon(config: TrainConfig) -> None:
+    """Muon's settings, and the backends it runs under: torch's Muon orthogonalises whole matrices, and DeepSpeed ZeRO
+    1-3 hand the optimizer flat partitions of them; DeepSpeed's own ZeRO Muon is another algorithm (its Newton-Schulz
+    iteration, its Adam, clipping after orthogonalisation), whose losses would not be the other backends'."""
+    o, t = config.optim, config.train
+    if t.backend == "deepspeed" and t.zero_stage > 0:
+        raise ConfigError(f"optim.name=muon does not run under DeepSpeed ZeRO-{t.zero_stage} (ZeRO 1-3 give the optimizer "
+                          "flat partitions, and torch's Muon orthogonalises whole matrices): add --train.backend=ddp, "
+                          "--train.zero_stage=0, or --train.backend=fsdp2 to shard (it gathers each matrix)")
+    if not (o.muon_lr > 0 and math.isfinite(o.muon_lr)):
+        raise ConfigError(f"config key 'optim.muon_lr' must be positive, got {o.muon_lr}")
+    if not 0 <= o.muon_momentum < 1:
+        raise ConfigError(f"config key 'optim.muon_momentum' must be in [0, 1), got {o.muon_momentum}")
+    if not 1 <= o.muon_ns_steps < 100:
+        raise ConfigError(f"config key 'optim.muon_ns_steps' must be in [1, 100), got {o.muon_ns_steps}")
+    decay = o.muon_weight_decay
+    if decay is not None and not (decay >= 0 and math.isfinite(decay)):
+        raise ConfigError(f"config key 'optim.muon_weight_decay' must be a finite number >= 0, got {decay}")
+
+
 def validate(config: TrainConfig) -> None:
     """Refuse impossible settings before anything starts (the model config is built to check it too)."""
     model = config.model
@@ -278,6 +298,8 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"config key '{key}' must be a finite number >= 0, got {value}")
     if not all(0 <= b < 1 for b in o.betas):
         raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1), got {list(o.betas)}")
+    if o.name == "muon":
+        check_muon(config)
     for key, value in (("logging.log_every", config.logging.log_every), ("eval.max_batches", config.eval.max_batches),
                        ("eval.batch_size", config.eval.batch_size), ("train.stop_at", t.stop_at)):
         if value is not None and value <= 0:

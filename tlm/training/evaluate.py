@@ -24,7 +24,8 @@ from tlm.model.transformer import TransformerLM
 
 @torch.no_grad()
 def evaluate(backend: Any, rows: TokenRows, batch_size: int, max_batches: int | None, info: DistInfo,
-             progress: bool = False, token_bytes: np.ndarray | None = None, documents: str = "none") -> dict[str, float]:
+             progress: bool = False, token_bytes: np.ndarray | None = None, documents: str = "none",
+             periodic_batches: int | None = None) -> dict[str, float]:
     """Validation loss, perplexity and (given each token id's UTF-8 byte count, `token_bytes`) bits per byte over
     the first (up to max_batches x batch_size) rows of a split, whatever the number of ranks.
 
@@ -33,6 +34,10 @@ def evaluate(backend: Any, rows: TokenRows, batch_size: int, max_batches: int | 
     show), over the bytes of the text. Unlike loss per token it does not depend on the tokenizer, so models with
     different vocabularies compare. Every rank runs the same number of forwards (a rank with no rows left runs
     a weightless one), because ZeRO-3 and FSDP2 gather parameters collectively inside forward.
+
+    With `periodic_batches` (the final evaluation of the whole split), also `val_loss_periodic`: the loss over its
+    first periodic_batches batches, the rows every periodic evaluation covers, bit for bit what such an evaluation
+    gives (a prefix of the same sum): so that a run's validation curve keeps one measure to its last step.
     """
     world, rank = info.world_size, info.rank
     total = len(rows) if max_batches is None else min(len(rows), max_batches * batch_size)
@@ -79,15 +84,20 @@ def evaluate(backend: Any, rows: TokenRows, batch_size: int, max_batches: int | 
         dist.all_reduce(per_batch)  # each batch's row comes from one rank: the sum of zeros and it is exact
     loss_total = tokens_total = bytes_total = 0.0
     means, squares, full = 0.0, 0.0, 0
+    periodic = None
     for index, (loss_sum, tokens, counted) in enumerate(per_batch.tolist()):  # one host read, in batch order
         loss_total += loss_sum
         tokens_total += tokens
+        if periodic_batches is not None and index + 1 == periodic_batches and index + 1 < batches:
+            periodic = loss_total / tokens_total
         bytes_total += counted
         if min((index + 1) * batch_size, total) - index * batch_size == batch_size:
             mean = loss_sum / tokens
             means, squares, full = means + mean, squares + mean**2, full + 1
     loss = loss_total / tokens_total
     result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(tokens_total)}
+    if periodic is not None:
+        result["val_loss_periodic"] = periodic
     if bytes_total > 0:
         result["val_bpb"] = loss_total / (math.log(2) * bytes_total)
         result["val_bytes"] = int(bytes_total)

@@ -13,6 +13,7 @@ Schedule = Literal["cosine", "constant", "wsd"]
 Precision = Literal["bf16", "fp32"]
 WandbMode = Literal["auto", "online", "offline", "disabled"]
 NanPolicy = Literal["skip", "stop", "off"]
+Optimizer = Literal["adamw", "muon"]
 BACKENDS = typing.get_args(Backend)
 RESUME = "resume"  # the field metadata key saying what a resume may do with a field
 
@@ -67,6 +68,11 @@ class DataSection:
 
 @dataclass
 class OptimSection:
+    name: Optimizer = identity("adamw")
+    """adamw: torch's AdamW for every parameter. muon: torch's Muon (orthogonalised momentum) for the hidden weight
+    matrices (attention and MLP projections) at `muon_lr`, AdamW at `lr` for the rest (embeddings, tied lm_head,
+    norm weights); runs under single, ddp, deepspeed ZeRO-0 and fsdp2 (each matrix gathered to be orthogonalised),
+    not under ZeRO 1-3. A resume keeps the optimizer its checkpoint holds the state of."""
     lr: float = on_purpose(5e-4)
     betas: tuple[float, float] = on_purpose((0.9, 0.999))
     eps: float = on_purpose(1e-8)
@@ -75,6 +81,18 @@ class OptimSection:
     """False exempts norm weights and the (tied) embedding from weight decay."""
     grad_clip: float = on_purpose(1.0)
     """Clip the global gradient norm to this (0 = off)."""
+    muon_lr: float = on_purpose(0.02)
+    """Muon's peak learning rate (the schedule scales it as it scales `lr`). 0.02 with momentum 0.95, Nesterov and 5
+    Newton-Schulz steps: Keller Jordan's Muon reference and nanochat's matrix learning rate."""
+    muon_momentum: float = on_purpose(0.95)
+    muon_nesterov: bool = on_purpose(True)
+    muon_ns_steps: int = on_purpose(5)
+    """Newton-Schulz iterations of the orthogonalisation (torch's default coefficients)."""
+    muon_adjust_lr_fn: Literal["original", "match_rms_adamw"] = on_purpose("original")
+    """torch.optim.Muon's learning-rate adjustment per matrix shape: original = sqrt(max(1, rows / cols)) (Keller
+    Jordan's); match_rms_adamw = 0.2 sqrt(max(rows, cols)) (Moonshot's, to reuse AdamW's lr and weight decay)."""
+    muon_weight_decay: float | None = on_purpose(None)
+    """Decoupled weight decay of the Muon matrices (x the Muon lr, as torch applies it); None = weight_decay."""
 
 
 @dataclass

@@ -258,8 +258,9 @@ class Trainer:
                                                             token_bytes=self.data.token_bytes, documents=documents)
                                              for name, rows in self.data.val_sets.items()})
         else:
+            periodic = self.config.eval.max_batches if max_batches is None else None
             self.last_eval = evaluate(self.backend, self.data.val_rows, batch, max_batches, self.info,
-                                      token_bytes=self.data.token_bytes, documents=documents)
+                                      token_bytes=self.data.token_bytes, documents=documents, periodic_batches=periodic)
         self.record({"step": self.step, **self.last_eval, "tokens_seen": self.progress.tokens_seen})
         if self.info.is_main and self.config.logging.curves and not final:  # the end of the run draws the last
             refresh_run_figure(self.run_dir)

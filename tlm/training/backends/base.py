@@ -13,6 +13,7 @@ from torch import nn
 from tlm.model.transformer import TransformerLM
 from tlm.training.config import TrainConfig
 from tlm.training.distributed import DistInfo
+from tlm.training.optim import apply_hyperparameters, lr_ratio
 
 
 class Backend:
@@ -88,8 +89,22 @@ class Backend:
         return list(self.module.parameters())
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        """The schedule's rate for this step: optim.lr's groups get it, Muon's the same fraction of optim.muon_lr."""
+        for group, ratio in zip(self.optimizer.param_groups, self.lr_ratios):
+            group["lr"] = lr * ratio
+
+    @functools.cached_property
+    def lr_ratios(self) -> list[float]:
+        return [lr_ratio(group, self.config.optim) for group in self.optimizer.param_groups]
+
+    @functools.cached_property
+    def group_roles(self) -> list[str | None]:
+        """Each optimizer group's role as built (decay, exempt, muon), kept before a checkpoint replaces the groups."""
+        return [group.get("role") for group in self.optimizer.param_groups]
+
+    def restore_hyperparameters(self) -> None:
+        """After a load: the configured hyperparameters, not the checkpoint's (tlm.training.optim.apply_hyperparameters)."""
+        apply_hyperparameters(self.optimizer.param_groups, self.group_roles, self.config.optim)
 
     def train_mode(self, training: bool) -> None:
         self.module.train(training)

@@ -7,7 +7,7 @@ import contextlib
 import torch
 
 from tlm.training.backends.base import Backend
-from tlm.training.optim import adamw, param_groups
+from tlm.training.optim import build_optimizer
 from tlm.training.plan import fsdp2_units
 
 
@@ -34,7 +34,7 @@ class FSDP2Backend(Backend):
             fully_shard(layers if len(layers) > 1 else layers[0], mp_policy=policy)
         fully_shard(model, mp_policy=policy)
         self.module = self.model = model
-        self.optimizer = adamw(param_groups(model, config.optim), config.optim, fused=self.fused)
+        self.optimizer = build_optimizer(model, config.optim, fused=self.fused)
 
     def autocast(self):
         return contextlib.nullcontext()  # the mixed-precision policy casts

@@ -11,7 +11,7 @@ from tlm.model.transformer import TransformerLM
 from tlm.training.backends.base import Backend
 from tlm.training.config import TrainConfig
 from tlm.training.distributed import DistInfo
-from tlm.training.optim import adamw, param_groups
+from tlm.training.optim import build_optimizer
 from tlm_base.fileio import atomic_write_bytes
 
 
@@ -29,7 +29,7 @@ class PlainBackend(Backend):
             # no buffer sync in forward: the model's one buffer (RoPE's inv_freq) is computed alike on every rank,
             # and DDP would broadcast it in every forward (a collective per micro-step for nothing)
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, forward_sync_buffers=False)
-        self.optimizer = adamw(param_groups(self.module, config.optim), config.optim, fused=self.fused)
+        self.optimizer = build_optimizer(self.module, config.optim, fused=self.fused)
 
     def accumulation_context(self, last):
         return contextlib.nullcontext() if last or self.info.world_size == 1 else self.model.no_sync()

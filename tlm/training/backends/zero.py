@@ -15,7 +15,7 @@ import torch.distributed as dist
 from tlm import data_dir
 from tlm.training.backends.base import Backend, target_tokens
 from tlm.training.config import BatchShape, TrainConfig
-from tlm.training.optim import adamw, param_groups
+from tlm.training.optim import build_optimizer
 from tlm_base.errors import ConfigError
 
 log = logging.getLogger("tlm")
@@ -71,7 +71,7 @@ class DeepSpeedBackend(Backend):
         self.stage = stage = config.train.zero_stage
         # ZeRO 1-3 clip, and skip a step with non-finite gradients, themselves; ZeRO-0 steps the torch optimizer
         # directly, so it gets one that clips and skips (and says so through `overflow`, as DeepSpeed's own do).
-        optimizer = adamw(param_groups(model, config.optim), config.optim, fused=self.fused, clipping=stage == 0,
+        optimizer = build_optimizer(model, config.optim, fused=self.fused, clipping=stage == 0,
                           skip_nonfinite=self.check_finite)
         if info.device.type == "cpu" and info.is_main:
             _announce_shm_build()
