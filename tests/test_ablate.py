@@ -22,7 +22,11 @@ REPO = Path(__file__).resolve().parent.parent
 def test_every_study_is_derived_from_the_base_recipe() -> None:
     base = load_config(REPO / "configs" / "ablations" / "cpu.yaml")
     known = studies(base)
-    assert list(known) == ["lr", "batch", "norm", "norm_position", "position", "mlp", "kv_heads", "yarn", "documents"]
+    assert list(known) == ["lr", "batch", "norm", "norm_position", "position", "mlp", "kv_heads", "yarn", "documents",
+                           "optimizer"]
+    optimizer = known["optimizer"].variants
+    assert optimizer["adamw"] == {"eval.every": 50} and len(optimizer) == 6
+    assert optimizer["muon lr=0.1"] == {"optim.name": "muon", "eval.every": 50, "optim.muon_lr": 0.1}
     assert known["documents"].variants == {"mask": {"train.document_masking": "mask"}, "cross-document": {}}
     assert known["lr"].variants[known["lr"].baseline] == {} and len(known["lr"].variants) == 5
     assert set(known["kv_heads"].variants) == {"kv_heads=1", "kv_heads=2", "kv_heads=4", "kv_heads=8"}
@@ -147,6 +151,46 @@ def test_verdicts_follow_the_stated_rules() -> None:
     assert verdict(yarn, {"base": run([5.0, 5.1, 5.2])}, {"base": rows})[0] == "reproduced"
     rows[1]["long_context"][1]["yarn"] = 9.0
     assert verdict(yarn, {"base": run([5.0, 5.1, 5.2])}, {"base": rows})[0] == "inconclusive"
+
+
+def curve_run(seed: int, points: list[tuple[int, float]], final: float, periodic: float | None) -> dict:
+    """A run whose periodic evaluations are `points` (tokens, loss) and whose final evaluation of the whole split
+    gives `final` (and `periodic` on the periodic rows)."""
+    val = [{"tokens_seen": t, "val_loss": loss, "val_tokens": 100} for t, loss in points]
+    last = {"tokens_seen": 1000, "val_loss": final, "val_tokens": 5000}
+    if periodic is not None:
+        last["val_loss_periodic"] = periodic
+    return {"seed": seed, "val": [*val, last], "train": [], "final_val": final,
+            "summary": {"tokens_seen": 1000, "cpu_seconds": 100.0}}
+
+
+def test_time_to_target_follows_the_stated_rule() -> None:
+    from tlm.studies.report import target_table
+    from tlm.studies.verdicts import curve, tokens_to_target
+
+    study = studies(load_config(REPO / "configs" / "ablations" / "cpu.yaml"))["optimizer"]
+    adamw = [curve_run(s, [(0, 9.0), (500, 6.0)], 4.73 + s / 100, 5.0 + s / 100) for s in range(3)]
+    # the final record's own loss (another measure: the whole split) is not a point of the curve
+    assert curve(adamw[0]) == [(0, 9.0), (500, 6.0), (1000, 5.0)]
+    assert curve(curve_run(0, [(0, 9.0)], 4.7, None)) == [(0, 9.0)]
+    fast = [curve_run(s, [(0, 9.0), (500, 4.9)], 4.6 + s / 100, 4.8) for s in range(3)]
+    assert tokens_to_target(fast[0], 5.0) == pytest.approx(0 + 500 * (9.0 - 5.0) / (9.0 - 4.9))
+    assert tokens_to_target(fast[0], 4.0) is None
+    groups = {v: [curve_run(s, [(0, 9.0), (500, 7.0)], 5.5, 5.6) for s in range(3)] for v in study.variants}
+    groups["adamw"], groups["muon lr=0.02"] = adamw, fast
+    label, lines = verdict(study, groups, {})
+    assert label == "reproduced" and "muon lr=0.02" in lines[0] and "seed 0: 0.000" in lines[1]
+    table = "\n".join(target_table(study, groups))
+    assert "| muon lr=0.02 | 3 of 3 | 0.000M |" in table and "| adamw | 3 of 3 | 0.001M | 1.00 | 100 |" in table
+    # the best rate never reaches AdamW's final loss in one seed: not reproduced
+    groups["muon lr=0.02"] = fast[:2] + [curve_run(2, [(0, 9.0), (500, 6.0)], 4.5, 5.5)]
+    assert verdict(study, groups, {})[0] == "not reproduced"
+    # reaches the target sooner but does not end lower beyond the noise: inconclusive
+    groups["muon lr=0.02"] = [curve_run(s, [(0, 9.0), (500, 4.9)], [4.7, 4.8, 4.71][s], 4.8) for s in range(3)]
+    assert verdict(study, groups, {})[0] == "inconclusive"
+    # baseline runs from before val_loss_periodic was logged: no target on the curve's measure
+    groups["adamw"] = [curve_run(s, [(0, 9.0)], 4.73, None) for s in range(3)]
+    assert verdict(study, groups, {})[0] == "no data"
 
 
 def test_a_run_trained_twice_counts_each_step_once(tmp_path: Path) -> None:

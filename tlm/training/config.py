@@ -147,9 +147,12 @@ def allowed_patterns(value: Any, known: set[str]) -> list[str]:
         return []
     items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
     patterns = [item.strip() for item in items if item.strip()]
+    identity = {key for key, kind in resume_kinds().items() if kind == "identity"}
     for pattern in patterns:
-        identity = [key for key, kind in resume_kinds().items() if kind == "identity"]
-        if any(fnmatch.fnmatchcase(key, pattern) for key in identity) or pattern.split(".")[0] == "model":
+        # a key of what the weights or the data mean, or a pattern naming only such keys (optim.* names optim.name
+        # and keys a resume may change: allowed, and a changed optim.name is still refused when the configs compare)
+        matched = {key for key in known | identity if fnmatch.fnmatchcase(key, pattern)}
+        if (matched and matched <= identity) or pattern in identity or pattern.split(".")[0] == "model":
             raise ConfigError(f"checkpoint.allow_change: '{pattern}' changes what the weights or the data mean and "
                               f"cannot be changed on resume; {NEW_RUN}")
         if not any(fnmatch.fnmatchcase(key, pattern) for key in known):

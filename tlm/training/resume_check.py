@@ -49,6 +49,7 @@ def check_config(checkpoint: Path, saved: dict[str, Any], config_tree: dict[str,
     changes (to be logged).
     """
     old, new = flatten_config(saved), flatten_config(config_tree)
+    old.setdefault("optim.name", "adamw")  # a checkpoint from before Muon holds AdamW's state
     patterns = allowed_patterns(allow, set(new))
     identity = model_changes(saved_model, new_model, with_tokenizer_ids=False) if saved_model is not None else {}
     kinds = resume_kinds()
