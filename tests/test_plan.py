@@ -158,3 +158,19 @@ def test_a_run_on_a_gpu_says_whether_its_setting_is_the_cheapest(monkeypatch: py
     with pytest.raises(ConfigError, match="more than the 80.0 GiB of a GPU of 80 GiB; `tlm plan --config RECIPE"):
         big = load_config(CONFIGS / "llama-1b-shape.yaml", {"batch.micro_batch_size": 32})  # 110 GiB of activations
         check_memory(big.model, big, big.batch_shape(8), torch.device("cuda", 0), False)
+
+
+def test_muon_keeps_one_momentum_per_hidden_matrix_parameter_and_leaves_zero_1_to_3_out() -> None:
+    """The plan's Muon saving is 4 bytes per parameter of the matrices the optimizer gives Muon (counted here from the
+    model itself), and it offers no setting that Muon is refused under."""
+    from tlm.training.muon import hidden_matrices
+
+    config = get_preset("tlm-26m")
+    with torch.device("meta"):
+        matrices = sum(p.numel() for p in hidden_matrices(TransformerLM(config)))
+    for backend, stage, gpus, shard in (("ddp", None, 2, 1), ("deepspeed", 0, 1, 1), ("fsdp2", None, 4, 4)):
+        adamw = model_state_bytes(config, backend, stage, gpus)
+        muon = model_state_bytes(config, backend, stage, gpus, "muon")
+        assert adamw[:2] == muon[:2] and adamw[2] - muon[2] == pytest.approx(4 * matrices / shard, abs=1)
+    rows = plan_rows(config, gpus=8, gpu_bytes=parse_bytes("80GiB"), micro_batch=4, seq_len=512, optimizer="muon")
+    assert {(r.backend, r.zero_stage) for r in rows} == {("ddp", None), ("deepspeed", 0), ("fsdp2", None)}

@@ -78,13 +78,15 @@ def plan(preset: str | None = None, config: str | list[str] | None = None, gpus:
         if overrides:
             raise ConfigError(f"tlm plan: --{next(iter(overrides))} sets a recipe key; give the recipe with --config")
         model = get_preset(preset or "tlm-26m")
+    optimizer = recipe.optim.name if config is not None else "adamw"
     seq_len, micro_batch, loss_chunk = seq_len or 512, micro_batch or 8, loss_chunk or 0
     for name, value in (("--seq_len", seq_len), ("--micro_batch", micro_batch)):
         check_int(name, value, low=1)
-    rows = plan_rows(model, gpus, capacity, micro_batch, seq_len, loss_chunk, margin)
+    rows = plan_rows(model, gpus, capacity, micro_batch, seq_len, loss_chunk, margin, optimizer)
     best = recommend(rows)
     print(f"{gpus} GPU(s) of {capacity / 2**30:.1f} GiB, micro-batch {micro_batch} x {seq_len} tokens, loss chunk "
-          f"{loss_chunk or 'off'}; GiB per GPU:", file=sys.stderr)
+          f"{loss_chunk or 'off'}{'; Muon: DeepSpeed ZeRO 1-3 left out (refused with it)' if optimizer == 'muon' else ''}"
+          "; GiB per GPU:", file=sys.stderr)
     print(f"{'setting':44s} {'params':>7s} {'grads':>7s} {'optim':>7s} {'activ.':>7s} {'total':>7s}  fits",
           file=sys.stderr)
     g = 2**30

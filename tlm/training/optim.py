@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from tlm.training.muon import MuonAdamW, clip_or_skip, hidden_matrices
 from tlm.training.sections import OptimSection, ScheduleSection
 
 
@@ -34,8 +35,6 @@ def build_optimizer(model: nn.Module, optim: OptimSection, fused: bool | None = 
     Muon for the hidden matrices at optim.muon_lr, AdamW at optim.lr for the rest."""
     if optim.name != "muon":
         return adamw(param_groups(model, optim), optim, fused=fused, clipping=clipping, skip_nonfinite=skip_nonfinite)
-    from tlm.training.muon import MuonAdamW, hidden_matrices
-
     matrices = hidden_matrices(model)
     muon = [{"params": matrices, "role": "muon", **muon_hyperparameters(optim)}]
     rest = param_groups(model, optim, exclude={id(p) for p in matrices})
@@ -81,8 +80,6 @@ class ClippingAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        from tlm.training.muon import clip_or_skip
-
         if (self.max_norm > 0 or self.skip_nonfinite) and clip_or_skip(self, self.max_norm, self.skip_nonfinite):
             return None
         return super().step(closure)

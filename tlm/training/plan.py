@@ -12,6 +12,7 @@ so that ZeRO-2 and ZeRO-3 agree with `estimate_zero2_model_states_mem_needs` / `
 | DeepSpeed ZeRO-2 | 2P | 6P/N | 12P/N |
 | DeepSpeed ZeRO-3 | 2P/N + 4L (the largest layer gathered) | 4P/N | 12P/N |
 | FSDP2 (fp32 shards, bf16 compute) | 4P/N + 4U (a unit gathered, the next prefetched) | 4P/N | 8P/N |
+| Muon (optim.name muon) | as its backend | as its backend | 4M less (M/N sharded): one momentum per hidden-matrix parameter for Adam's two; ZeRO 1-3 left out (refused) |
 
 (P parameters, N GPUs, L the largest layer's parameters, U the largest FSDP2 unit's: consecutive decoder blocks up to
 5e7 parameters, a larger block alone, the whole model for one within that; `fsdp2_units`.) Activations are what autograd
@@ -110,18 +111,23 @@ def fsdp2_units(layer_sizes: list[int], total: int, budget: int | None = None) -
     return units
 
 
-def model_state_bytes(config: ModelConfig, backend: str, zero_stage: int | None, gpus: int) -> tuple[int, int, int]:
-    """(parameters, gradients, optimizer states) in bytes per GPU (the table in the module docstring)."""
+def model_state_bytes(config: ModelConfig, backend: str, zero_stage: int | None, gpus: int,
+                      optimizer: str = "adamw") -> tuple[int, int, int]:
+    """(parameters, gradients, optimizer states) in bytes per GPU (the table in the module docstring). With Muon
+    (optim.name muon: single, DDP, ZeRO-0, FSDP2), the hidden matrices keep one fp32 momentum instead of Adam's two
+    moments: 4 bytes less per matrix parameter."""
     p, largest, block = parameter_counts(config)
     n = gpus
+    norm = config.hidden_size if config.norm != "none" else 0
+    saved = 4 * config.num_hidden_layers * (block - 2 * norm) if optimizer == "muon" else 0
     if backend in ("single", "ddp"):
-        return 6 * p, 4 * p, 8 * p
+        return 6 * p, 4 * p, 8 * p - saved
     if backend == "fsdp2":
         units = fsdp2_units([block] * config.num_hidden_layers, p)
         unit = max(len(u) for u in units) * block if units else p
-        return 4 * p // n + 4 * unit, 4 * p // n, 8 * p // n
+        return 4 * p // n + 4 * unit, 4 * p // n, (8 * p - saved) // n
     if zero_stage == 0:
-        return 2 * p, 6 * p, 12 * p
+        return 2 * p, 6 * p, 12 * p - saved
     if zero_stage == 1:
         return 2 * p, 2 * p + 4 * p // n, 12 * p // n
     if zero_stage == 2:
@@ -156,20 +162,22 @@ def run_setting(backend: str, zero_stage: int | None, gpus: int) -> tuple[str, i
 
 
 def plan_row(config: ModelConfig, backend: str, zero_stage: int | None, gpus: int, micro_batch: int, seq_len: int,
-             loss_chunk: int = 0, checkpointing: str = "none", margin: float = 0.1) -> PlanRow:
+             loss_chunk: int = 0, checkpointing: str = "none", margin: float = 0.1, optimizer: str = "adamw") -> PlanRow:
     """The plan of one setting (what `tlm train` prints at start-up); `fits` is left True (no device given)."""
     backend, stage = run_setting(backend, zero_stage, gpus)
-    params, grads, optim = model_state_bytes(config, backend, stage, gpus)
+    params, grads, optim = model_state_bytes(config, backend, stage, gpus, optimizer)
     acts = activation_bytes(config, micro_batch, seq_len, checkpointing, loss_chunk)
     return PlanRow(backend, stage, checkpointing, params, grads, optim, acts,
                    int((params + grads + optim + acts) * (1 + margin)), True)
 
 
 def plan_rows(config: ModelConfig, gpus: int, gpu_bytes: int, micro_batch: int, seq_len: int, loss_chunk: int = 0,
-         margin: float = 0.1) -> list[PlanRow]:
-    """Every setting, cheapest first, with its per-GPU bytes and whether it fits in `gpu_bytes`."""
-    rows = [plan_row(config, backend, stage, gpus, micro_batch, seq_len, loss_chunk, checkpointing, margin)
-            for checkpointing in CHECKPOINTING for backend, stage in SETTINGS]
+              margin: float = 0.1, optimizer: str = "adamw") -> list[PlanRow]:
+    """Every setting, cheapest first, with its per-GPU bytes and whether it fits in `gpu_bytes`; with Muon, only
+    those it runs under (not DeepSpeed ZeRO 1-3)."""
+    settings = [(b, s) for b, s in SETTINGS if optimizer != "muon" or b != "deepspeed" or s == 0]
+    rows = [plan_row(config, backend, stage, gpus, micro_batch, seq_len, loss_chunk, checkpointing, margin, optimizer)
+            for checkpointing in CHECKPOINTING for backend, stage in settings]
     for row in rows:
         row.fits = row.total <= gpu_bytes
     return rows
@@ -268,7 +276,8 @@ def check_memory(model: ModelConfig, config: TrainConfig, shape: BatchShape, dev
     """Say what the plan expects per device for a run; refuse, before anything is built, a setting whose model
     states and activations (without the plan's margin) exceed the GPU this rank sees."""
     row = plan_row(model, config.train.backend, config.train.zero_stage, shape.world_size, shape.micro_batch_size,
-                   shape.seq_len, config.train.loss_chunk, config.train.activation_checkpointing)
+                   shape.seq_len, config.train.loss_chunk, config.train.activation_checkpointing,
+                   optimizer=config.optim.name)
     if is_main:
         log.info("memory plan: %s", row_line(row, "GPU" if device.type == "cuda" else "process"))
     if device.type != "cuda":
@@ -278,7 +287,7 @@ def check_memory(model: ModelConfig, config: TrainConfig, shape: BatchShape, dev
     capacity = torch.cuda.get_device_properties(device).total_memory
     if is_main:
         rows = plan_rows(model, shape.world_size, capacity, shape.micro_batch_size, shape.seq_len,
-                         config.train.loss_chunk)
+                         config.train.loss_chunk, optimizer=config.optim.name)
         _, line = compare_with_recipe(rows, config.train.backend, config.train.zero_stage,
                                       config.train.activation_checkpointing, shape.world_size)
         log.info("memory plan on this GPU: %s", line.replace("the recipe's setting", "this run's setting"))
