@@ -38,9 +38,17 @@ def figure(path: Path, title: str, panels: int = 1, size: tuple[float, float] = 
         plt.close(fig)
 
 
-def _curve(runs: list[dict], kind: str) -> tuple[list[float], list[float], list[float], list[float]]:
+def _curve(runs: list[dict], kind: str, one_measure: bool = False) -> tuple[list[float], list[float], list[float],
+                                                                            list[float]]:
+    """Mean, lowest and highest across seeds at each point; with `one_measure`, validation on the periodic rows to the
+    end (tlm.studies.verdicts.curve) rather than the final evaluation of the whole split as the last point."""
+    from tlm.studies.verdicts import curve
+
     key = "loss" if kind == "train" else "val_loss"
-    series = [[(r["tokens_seen"], r[key]) for r in run[kind]] for run in runs]
+    if one_measure and kind == "val":
+        series = [curve(run) for run in runs]
+    else:
+        series = [[(r["tokens_seen"], r[key]) for r in run[kind]] for run in runs]
     length = min(len(s) for s in series)
     xs = [series[0][i][0] for i in range(length)]
     ys = [[s[i][1] for s in series] for i in range(length)]
@@ -54,13 +62,13 @@ def plot_study(study: Study, groups: dict[str, list[dict]], path: Path, scale: s
             for variant, runs in groups.items():
                 if not runs or not runs[0][kind]:
                     continue
-                xs, ys, lo, hi = _curve(runs, kind)
+                xs, ys, lo, hi = _curve(runs, kind, one_measure=study.kind == "target")
                 line, = ax.plot([x / 1e6 for x in xs], ys, label=f"{variant} ({len(runs)} seeds)",
                                 linewidth=2.2 if variant == study.baseline else 1.4)
                 ax.fill_between([x / 1e6 for x in xs], lo, hi, color=line.get_color(), alpha=0.2)
             ax.set_xlabel("tokens seen (millions)")
             ax.set_ylabel(f"{label} (nats)")
-            ax.set_title(label)
+            ax.set_title(label + (" (the periodic rows, to the end)" if study.kind == "target" and kind == "val" else ""))
             finite = [y for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(y)]
             if finite:
                 ax.set_ylim(min(finite) - 0.1, min(max(finite), min(finite) + 4))
