@@ -54,7 +54,7 @@ def test_recipes_load() -> None:
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"optim.learning_rate": 1.0}, r"unknown config key 'optim.learning_rate'; optim has: lr"),
+        ({"optim.learning_rate": 1.0}, r"unknown config key 'optim.learning_rate'; optim has: name, lr"),
         ({"optimiser.lr": 1.0}, r"unknown config key 'optimiser.lr' \(did you mean 'optim'\?\)"),
         ({"model.num_kv_heads": 1}, r"unknown model config key 'num_kv_heads'"),
         ({"batch.micro_batch_size": "big"}, r"config key 'batch.micro_batch_size' must be int"),
