@@ -51,7 +51,7 @@ def main(steps: int = 60, warmup: int = 5, threads: int = 1, compile: bool = Tru
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses[name].append(float(loss))
+            losses[name].append(float(loss.detach()))
 
         contenders[name] = step
     result = alternate(contenders, steps, warmup)

@@ -2,7 +2,7 @@
 the committed metrics (issue 21). Every change that touches the model, the loss, the optimizer step, the data
 order or the evaluation must pass it before it lands:
 
-    python scripts/golden_steps.py                      # all 17 variants, seed 0, 30 steps: ~8 minutes on 2 cores
+    python scripts/golden_steps.py                      # all 23 variants, seed 0, 30 steps: ~9 minutes on 2 cores
     python scripts/golden_steps.py --studies position   # one study's variants (the CI test runs this one)
 
 It runs the runner that made the committed runs, `tlm ablate STUDY --scale cpu --seeds 1 --train.stop_at=STEPS`

@@ -8,7 +8,7 @@ metrics.jsonl, exactly (the step-0 validation loss, the loss, gradient norm and 
 
 CI replays one study's seed 0, the position study: the baseline (whose compiled graph the four learning rates and
 the batch of 32 share; its step-0 validation covers the RoPE forward) and NoPE, 10 steps each, about a minute on
-2 cores. Replaying all 17 variants takes ~8 minutes, over CI's budget: `python scripts/golden_steps.py` is the
+2 cores. Replaying all 23 variants takes ~9 minutes, over CI's budget: `python scripts/golden_steps.py` is the
 check every change touching the model or the step runs (docs/ablations/README.md).
 """
 

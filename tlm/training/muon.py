@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
 MUON = "muon"
@@ -46,6 +47,8 @@ class MuonAdamW(torch.optim.Optimizer):
         super().__init__(self._muon.param_groups + self._adamw.param_groups, {})
         self.max_norm, self.skip_nonfinite = max_norm, skip_nonfinite
         self.overflow, self._global_grad_norm = False, None
+        # FSDP2's parameters are DTensors (known once: the step need not look again)
+        self._gathered = any(isinstance(p, DTensor) for g in self._muon.param_groups for p in g["params"])
         self._link()
 
     def _link(self) -> None:
@@ -65,12 +68,11 @@ class MuonAdamW(torch.optim.Optimizer):
         if self.max_norm > 0 or self.skip_nonfinite:
             if clip_or_skip(self, self.max_norm, self.skip_nonfinite):
                 return None
-        if any(isinstance(p, torch.distributed.tensor.DTensor) for g in self._muon.param_groups for p in g["params"]):
+        if self._gathered:
             self._gathered_muon_step()
         else:
             self._muon.step()
         self._adamw.step()
-        return None
 
     def _gathered_muon_step(self) -> None:
         """torch's Muon step (torch.optim._muon._single_tensor_muon's arithmetic) for row-sharded DTensors: the
