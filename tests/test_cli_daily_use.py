@@ -36,7 +36,7 @@ def test_help_is_tlms_own_and_needs_no_torch() -> None:
 def test_train_help_lists_the_config_keys_and_show_config_prints_them(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture) -> None:
     status, out, _ = cli(["train", "--help"], capsys)
-    assert status == 0 and "optim: lr=0.0005, betas=[0.9,0.999]" in out
+    assert status == 0 and "optim: name=adamw, lr=0.0005, betas=[0.9,0.999]" in out
     assert "checkpoint: every=500, keep_last=2, resume=auto, overwrite=false, allow_change=null" in out
     status, out, _ = cli(["train", "--config", REPO / "configs" / "debug.yaml", "--show_config", "--optim.lr=0.002"],
                          capsys)
