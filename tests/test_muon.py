@@ -14,8 +14,8 @@ import torch
 from tlm.model.config import get_preset
 from tlm.model.transformer import TransformerLM
 from tlm.training.config import load_config
-from tlm.training.muon import MuonAdamW, hidden_matrices
-from tlm.training.optim import build_optimizer, param_groups
+from tlm.training.muon import MuonAdamW
+from tlm.training.optim import build_optimizer, hidden_matrices, param_groups
 from tlm.training.trainer import train
 from tlm_base.errors import ConfigError
 
@@ -29,6 +29,13 @@ def model_and_batch(seed: int = 0) -> tuple[TransformerLM, torch.Tensor]:
 
 def backward(model: TransformerLM, ids: torch.Tensor) -> None:
     model(ids, labels=ids).backward()
+
+
+def take_steps(model: TransformerLM, optimizer: torch.optim.Optimizer, ids: torch.Tensor, steps: int) -> None:
+    for _ in range(steps):
+        backward(model, ids)
+        optimizer.step()
+        optimizer.zero_grad()
 
 
 def muon_config(**overrides):
@@ -72,25 +79,15 @@ def test_a_step_is_torchs_muon_and_adamw_stepped_apart() -> None:
 def test_its_state_resumes_exactly() -> None:
     config = muon_config()
     straight, ids = model_and_batch()
-    optimizer = build_optimizer(straight, config.optim)
-    for _ in range(4):
-        backward(straight, ids)
-        optimizer.step()
-        optimizer.zero_grad()
+    take_steps(straight, build_optimizer(straight, config.optim), ids, 4)
     resumed, _ = model_and_batch()
     first = build_optimizer(resumed, config.optim)
-    for _ in range(2):
-        backward(resumed, ids)
-        first.step()
-        first.zero_grad()
+    take_steps(resumed, first, ids, 2)
     second = build_optimizer(resumed, config.optim)  # a fresh optimizer over the same weights, loaded
     second.load_state_dict(first.state_dict())
     assert isinstance(second, MuonAdamW)
     assert second._muon.state is second.state and second._muon.param_groups[0] is second.param_groups[0]
-    for _ in range(2):
-        backward(resumed, ids)
-        second.step()
-        second.zero_grad()
+    take_steps(resumed, second, ids, 2)
     assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters()))
 
 
@@ -156,18 +153,18 @@ def test_a_resume_takes_the_configured_hyperparameters_not_the_checkpoints(tmp_p
     run = tmp_path / "run"
     train(base_run(prepared, run, **{"train.stop_at": 3}))
     seen = {}
-    original = PlainBackend.restore_hyperparameters
+    original = PlainBackend.resume
 
-    def spy(self) -> None:
-        original(self)
+    def spy(self, *args) -> None:
+        original(self, *args)
         seen.update({g["role"]: (g["weight_decay"], g.get("momentum")) for g in self.optimizer.param_groups})
 
-    PlainBackend.restore_hyperparameters = spy
+    PlainBackend.resume = spy
     try:
         train(base_run(prepared, run, **{"optim.weight_decay": 0.3, "optim.muon_momentum": 0.9,
                                           "checkpoint.allow_change": "optim.*"}))
     finally:
-        PlainBackend.restore_hyperparameters = original
+        PlainBackend.resume = original
     assert seen == {"muon": (0.3, 0.9), "decay": (0.3, None)}
 
 

@@ -163,7 +163,7 @@ def test_a_run_on_a_gpu_says_whether_its_setting_is_the_cheapest(monkeypatch: py
 def test_muon_keeps_one_momentum_per_hidden_matrix_parameter_and_leaves_zero_1_to_3_out() -> None:
     """The plan's Muon saving is 4 bytes per parameter of the matrices the optimizer gives Muon (counted here from the
     model itself), and it offers no setting that Muon is refused under."""
-    from tlm.training.muon import hidden_matrices
+    from tlm.training.optim import hidden_matrices
 
     config = get_preset("tlm-26m")
     with torch.device("meta"):

@@ -182,9 +182,7 @@ class Checkpointer:
     def restore(self, path: Path, state: dict[str, Any]) -> bool:
         """Load the backend's files and every part from checkpoint `path` (its trainer.json is `state`); returns
         whether this rank's RNG states were there (not after a change of world size)."""
-        self.backend.group_roles  # noqa: B018 (read before the load replaces the groups)
-        self.backend.load(path / "backend", state["world_size"])
-        self.backend.restore_hyperparameters()
+        self.backend.resume(path / "backend", state["world_size"])
         for name, part in self.parts.items():
             part.load_state_dict(state if name == "" else state[name])
         return load_rng(path, self.rank)

@@ -10,6 +10,7 @@ from typing import Any
 
 from tlm.studies.catalogue import Study
 from tlm.studies.stats import mean
+from tlm.studies.verdicts import curve
 
 
 @contextlib.contextmanager
@@ -42,8 +43,6 @@ def _curve(runs: list[dict], kind: str, one_measure: bool = False) -> tuple[list
                                                                             list[float]]:
     """Mean, lowest and highest across seeds at each point; with `one_measure`, validation on the periodic rows to the
     end (tlm.studies.verdicts.curve) rather than the final evaluation of the whole split as the last point."""
-    from tlm.studies.verdicts import curve
-
     key = "loss" if kind == "train" else "val_loss"
     if one_measure and kind == "val":
         series = [curve(run) for run in runs]

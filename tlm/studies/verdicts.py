@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 from tlm.studies.catalogue import EQUIVALENCE_MARGIN, STABILITY_MULTIPLIERS, TRAINS_MARGIN, YARN_FACTORS, Study
-from tlm.studies.stats import Difference, equivalence, paired_difference, welch_difference
+from tlm.studies.stats import Difference, equivalence, mean, paired_difference, welch_difference
 
 
 def cell(d: Difference) -> str:
@@ -151,7 +151,7 @@ def targets(base: list[dict]) -> dict[int, float]:
 
 def best_variant(study: Study, groups: dict[str, list[dict]]) -> str | None:
     """The variant (other than the baseline) with the lowest mean final validation loss."""
-    ranked = [(sum(r["final_val"] for r in rs) / len(rs), v) for v, rs in groups.items() if v != study.baseline and rs]
+    ranked = [(mean([r["final_val"] for r in rs]), v) for v, rs in groups.items() if v != study.baseline and rs]
     return min(ranked)[1] if ranked else None
 
 

@@ -155,7 +155,7 @@ def allowed_patterns(value: Any, known: set[str]) -> list[str]:
         if (matched and matched <= identity) or pattern in identity or pattern.split(".")[0] == "model":
             raise ConfigError(f"checkpoint.allow_change: '{pattern}' changes what the weights or the data mean and "
                               f"cannot be changed on resume; {NEW_RUN}")
-        if not any(fnmatch.fnmatchcase(key, pattern) for key in known):
+        if not matched & known:
             raise ConfigError(f"checkpoint.allow_change: '{pattern}' names no config key (e.g. optim.lr, train.max_steps, "
                               "schedule.*)")
     return patterns

@@ -25,7 +25,8 @@ ADAMW = "adamw"
 def clip_or_skip(optimizer: Any, max_norm: float, skip_nonfinite: bool) -> bool:
     """Clip the global gradient norm of the optimizer's parameters to `max_norm` (0 = no clipping) and keep it in
     `optimizer._global_grad_norm`; returns whether the step must be skipped (a non-finite norm, with `skip_nonfinite`),
-    also kept in `optimizer.overflow` (what DeepSpeed's engine reads to count skipped steps)."""
+    also kept in `optimizer.overflow` (what DeepSpeed's engine reads to count skipped steps). Neither asked: nothing
+    is computed, and the step goes ahead."""
     if max_norm > 0 or skip_nonfinite:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         norm = nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
@@ -65,9 +66,8 @@ class MuonAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("MuonAdamW takes no closure")
-        if self.max_norm > 0 or self.skip_nonfinite:
-            if clip_or_skip(self, self.max_norm, self.skip_nonfinite):
-                return None
+        if clip_or_skip(self, self.max_norm, self.skip_nonfinite):
+            return None
         if self._gathered:
             self._gathered_muon_step()
         else:
@@ -98,12 +98,3 @@ class MuonAdamW(torch.optim.Optimizer):
                 local.mul_(1 - lr * decay)
                 local.add_(rows, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], param.shape))
 
-
-def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable 2-D weights other than the embedding and the output head (tied or not): the matrices Muon is
-    for (attention and MLP projections)."""
-    heads = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    head = getattr(model, "lm_head", None)
-    if head is not None:
-        heads.add(id(head.weight))
-    return [p for p in model.parameters() if p.requires_grad and p.ndim == 2 and id(p) not in heads]

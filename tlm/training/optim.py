@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from tlm.training.muon import MuonAdamW, clip_or_skip, hidden_matrices
+from tlm.training.muon import MuonAdamW, clip_or_skip
 from tlm.training.sections import OptimSection, ScheduleSection
 
 
@@ -22,11 +22,26 @@ def param_groups(model: nn.Module, optim: OptimSection, exclude: set[int] | None
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in (exclude or set())]
     if optim.decay_norms_and_embeddings:
         return [{"params": params, "weight_decay": optim.weight_decay, "role": "decay"}]
-    embedding = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    embedding = embedding_ids(model)
     decay = [p for p in params if p.ndim >= 2 and id(p) not in embedding]
     keep = [p for p in params if p.ndim < 2 or id(p) in embedding]
     return [{"params": decay, "weight_decay": optim.weight_decay, "role": "decay"},
             {"params": keep, "weight_decay": 0.0, "role": "exempt"}]
+
+
+def embedding_ids(model: nn.Module) -> set[int]:
+    """The ids of the embedding matrices (a tied lm_head is the same parameter)."""
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+
+def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable 2-D weights other than the embedding and the output head (tied or not): the matrices Muon is
+    for (attention and MLP projections)."""
+    heads = embedding_ids(model)
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        heads.add(id(head.weight))
+    return [p for p in model.parameters() if p.requires_grad and p.ndim == 2 and id(p) not in heads]
 
 
 def build_optimizer(model: nn.Module, optim: OptimSection, fused: bool | None = None, clipping: bool = False,
@@ -80,7 +95,7 @@ class ClippingAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if (self.max_norm > 0 or self.skip_nonfinite) and clip_or_skip(self, self.max_norm, self.skip_nonfinite):
+        if clip_or_skip(self, self.max_norm, self.skip_nonfinite):
             return None
         return super().step(closure)
 

@@ -97,14 +97,12 @@ class Backend:
     def lr_ratios(self) -> list[float]:
         return [lr_ratio(group, self.config.optim) for group in self.optimizer.param_groups]
 
-    @functools.cached_property
-    def group_roles(self) -> list[str | None]:
-        """Each optimizer group's role as built (decay, exempt, muon), kept before a checkpoint replaces the groups."""
-        return [group.get("role") for group in self.optimizer.param_groups]
-
-    def restore_hyperparameters(self) -> None:
-        """After a load: the configured hyperparameters, not the checkpoint's (tlm.training.optim.apply_hyperparameters)."""
-        apply_hyperparameters(self.optimizer.param_groups, self.group_roles, self.config.optim)
+    def resume(self, path: Path, saved_world_size: int) -> None:
+        """`load`, then the configured hyperparameters in every optimizer group, not the checkpoint's
+        (tlm.training.optim.apply_hyperparameters), by each group's role as built (the load replaces the groups)."""
+        roles = [group.get("role") for group in self.optimizer.param_groups]
+        self.load(path, saved_world_size)
+        apply_hyperparameters(self.optimizer.param_groups, roles, self.config.optim)
 
     def train_mode(self, training: bool) -> None:
         self.module.train(training)
